@@ -1,0 +1,493 @@
+"""Stage 1 of 4: task lists, environments, and the offline datasets.
+
+Reads nothing. Writes one `data/<task>.npz` per task, from one of two behaviour sources:
+  scripted  metaworld's hand-written expert for the task, with Gaussian action noise whose std is drawn per
+            episode from a mixture of levels, so the data spans expert and imperfect behaviour
+            (Meta-World only; the default there).
+  sac       Soft Actor-Critic trained online on the task; every transition it experienced (its whole replay
+            buffer) is the dataset. This is how the paper's data was made, and the only way for DMControl.
+
+Data contract (`data/<task>.npz`, flat over transitions, episodes contiguous):
+  observations (N, obs_dim) float32   native size, not padded
+  actions      (N, act_dim) float32   in [-1, 1], the action that was executed
+  rewards      (N,)         float32
+  dones        (N,)         bool      last step of an episode (termination or time limit)
+  successes    (N,)         bool      Meta-World only: info["success"] after the step
+
+Examples:
+  python collect.py                                   # the 50 Meta-World tasks, scripted (~5 min on 2 cores)
+  python collect.py --tasks dmc16                     # SAC on the 16 DMControl tasks (~1 h on 2 cores)
+  python collect.py --tasks hammer-v3,cartpole-swingup --episodes 10 --overwrite
+"""
+import os
+
+os.environ.setdefault("MUJOCO_GL", "disable")  # no display on servers: physics only (MUJOCO_GL=egl to render)
+
+import argparse
+import concurrent.futures
+import dataclasses
+import multiprocessing
+import sys
+import time
+import warnings
+import zipfile
+from dataclasses import dataclass, field
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+# ---------------------------------------------------------------------------------------------------------
+# Task lists (defined once; every stage imports them from here)
+
+# Continual World's CW10 sequence, in order (Wolczyk et al. 2021; the authors' configs/.../names/cw10_v2.yaml).
+CW10 = [
+    "hammer-v3", "push-wall-v3", "faucet-close-v3", "push-back-v3", "stick-pull-v3",
+    "handle-press-side-v3", "push-v3", "shelf-place-v3", "window-close-v3", "peg-unplug-side-v3",
+]
+# Pre-training tasks: MT50 minus CW10, in the authors' config order (configs/.../names/mt40_v2.yaml).
+MT40 = [
+    "assembly-v3", "button-press-v3", "disassemble-v3", "plate-slide-side-v3", "door-lock-v3",
+    "door-unlock-v3", "pick-place-v3", "drawer-close-v3", "coffee-pull-v3", "handle-pull-v3",
+    "peg-insert-side-v3", "door-close-v3", "button-press-topdown-v3", "lever-pull-v3", "reach-v3",
+    "door-open-v3", "sweep-v3", "box-close-v3", "button-press-wall-v3", "basketball-v3",
+    "soccer-v3", "handle-press-v3", "coffee-button-v3", "faucet-open-v3", "plate-slide-v3",
+    "reach-wall-v3", "handle-pull-side-v3", "drawer-open-v3", "dial-turn-v3", "sweep-into-v3",
+    "bin-picking-v3", "coffee-push-v3", "pick-out-of-hole-v3", "button-press-topdown-wall-v3",
+    "plate-slide-back-side-v3", "plate-slide-back-v3", "stick-push-v3", "hand-insert-v3",
+    "window-open-v3", "pick-place-wall-v3",
+]
+MT50 = MT40 + CW10
+# DMControl pre-training tasks (configs/.../names/dmcontrol10.yaml), named <domain>-<task>.
+DMC10 = [
+    "cartpole-balance", "finger-turn_easy", "finger-turn_hard", "fish-upright", "hopper-stand",
+    "pendulum-swingup", "point_mass-easy", "reacher-hard", "walker-stand", "walker-run",
+]
+# DMControl fine-tuning tasks, in order. The authors' config repeats reacher-hard from DMC10 here; we use
+# reacher-easy (their older list) so the 16 DMControl tasks are distinct, as the paper's dataset claims.
+DMC6 = ["ball_in_cup-catch", "cartpole-swingup", "cheetah-run", "finger-spin", "reacher-easy", "walker-walk"]
+DMC16 = DMC10 + DMC6
+TASK_LISTS = {"cw10": CW10, "mt40": MT40, "mt50": MT50, "dmc10": DMC10, "dmc6": DMC6, "dmc16": DMC16}
+ALL_TASKS = MT50 + DMC16  # a task's index here seeds its collection, so a file never depends on its neighbours
+
+METAWORLD_HORIZON = 200  # Continual World's episode length (META_WORLD_TIME_HORIZON); v3 defaults to 500
+DMC_HORIZON = 1000  # dmc2gym's episode_length in the authors' code
+
+
+def resolve_tasks(spec):
+    """'cw10,cartpole-swingup' -> list of task names; list names expand, duplicates are dropped, order kept."""
+    names = []
+    for item in (s.strip() for s in spec.split(",")):
+        if not item:
+            continue
+        if item.lower() in TASK_LISTS:
+            names += TASK_LISTS[item.lower()]
+        elif item in ALL_TASKS:
+            names.append(item)
+        elif item + "-v3" in MT50:  # 'hammer' is accepted for 'hammer-v3'
+            names.append(item + "-v3")
+        else:
+            raise ValueError(
+                f"unknown task {item!r}. Valid: list names {', '.join(TASK_LISTS)}; "
+                f"or task names {', '.join(ALL_TASKS)}"
+            )
+    if not names:
+        raise ValueError("no task given: pass --tasks with task names or list names")
+    return list(dict.fromkeys(names))
+
+
+def is_metaworld(name):
+    return name in MT50
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Environments: both domains behind the gymnasium interface (evaluate.py reuses these constructors)
+
+
+class MetaWorldEnv(gym.Env):
+    """One Meta-World v3 task: 200-step episodes, a new random object/goal placement at every reset.
+
+    Built through the official API (MT1 + set_task, the goal-observable multi-task setting), then unfrozen so
+    each reset draws a fresh placement from the env's seeded RNG: Continual World's `random_init_all`.
+    """
+
+    def __init__(self, name, seed=0):
+        import metaworld
+
+        benchmark = metaworld.MT1(name, seed=seed)
+        self.env = benchmark.train_classes[name]()
+        self.env.set_task(benchmark.train_tasks[0])
+        self.env._freeze_rand_vec = False  # a new placement every reset ...
+        self.env.seeded_rand_vec = True  # ... drawn from env.np_random, so reset(seed=s) is reproducible
+        self.env.max_path_length = METAWORLD_HORIZON
+        self.env.seed(seed)
+        self.horizon = METAWORLD_HORIZON
+        space = self.env.observation_space
+        self.observation_space = gym.spaces.Box(-np.inf, np.inf, space.shape, np.float32)
+        self.action_space = gym.spaces.Box(-1.0, 1.0, self.env.action_space.shape, np.float32)
+
+    def reset(self, *, seed=None, options=None):
+        if seed is not None:
+            self.env.seed(seed)
+        obs, info = self.env.reset()
+        return obs.astype(np.float32), info
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(np.clip(action, -1.0, 1.0))
+        return obs.astype(np.float32), float(reward), bool(terminated), bool(truncated), info
+
+
+class DMControlEnv(gym.Env):
+    """One DMControl suite task: the observation dict flattened in the spec's fixed key order, 1000-step episodes."""
+
+    def __init__(self, name, seed=0):
+        from dm_control import suite
+
+        domain, task = name.split("-", 1)
+        self.env = suite.load(domain, task, task_kwargs={"random": seed})
+        self.keys = list(self.env.observation_spec())  # fixed order, e.g. walker: orientations, height, velocity
+        obs_dim = sum(int(np.prod(spec.shape)) for spec in self.env.observation_spec().values())
+        act_spec = self.env.action_spec()
+        assert np.all(act_spec.minimum == -1) and np.all(act_spec.maximum == 1), f"{name}: actions not in [-1, 1]"
+        self.horizon = DMC_HORIZON
+        self.observation_space = gym.spaces.Box(-np.inf, np.inf, (obs_dim,), np.float32)
+        self.action_space = gym.spaces.Box(-1.0, 1.0, act_spec.shape, np.float32)
+        self.t = 0
+
+    def _flat(self, observation):
+        return np.concatenate([np.asarray(observation[k], np.float32).ravel() for k in self.keys])
+
+    def reset(self, *, seed=None, options=None):
+        if seed is not None:  # the task draws its initial state from this RNG (dm_control.suite.base.Task)
+            self.env.task._random = np.random.RandomState(seed)
+        self.t = 0
+        return self._flat(self.env.reset().observation), {}
+
+    def step(self, action):
+        ts = self.env.step(np.clip(action, -1.0, 1.0))
+        self.t += 1
+        terminated = ts.last() and ts.discount == 0
+        truncated = not terminated and (ts.last() or self.t >= self.horizon)
+        return self._flat(ts.observation), float(ts.reward), terminated, truncated, {}
+
+
+def make_env(name, seed=0):
+    """The environment of a task by name: Meta-World v3 or DMControl, both gymnasium-style."""
+    return MetaWorldEnv(name, seed) if is_metaworld(name) else DMControlEnv(name, seed)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Soft Actor-Critic (Haarnoja et al. 2018): twin Q with targets, tanh-Gaussian actor, automatic entropy tuning
+
+
+def mlp(in_dim, out_dim, hidden):
+    return nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, out_dim))
+
+
+class SAC(nn.Module):
+    """A compact SAC agent; hyperparameters follow common DMControl settings (pytorch_sac, CleanRL)."""
+
+    def __init__(self, obs_dim, act_dim, hidden=256, lr=3e-4, gamma=0.99, tau=0.005, init_alpha=0.1):
+        super().__init__()
+        self.actor = mlp(obs_dim, 2 * act_dim, hidden)  # -> mean and log-std of a Gaussian, squashed by tanh
+        self.q1, self.q2 = mlp(obs_dim + act_dim, 1, hidden), mlp(obs_dim + act_dim, 1, hidden)
+        self.q1_target, self.q2_target = mlp(obs_dim + act_dim, 1, hidden), mlp(obs_dim + act_dim, 1, hidden)
+        self.q1_target.load_state_dict(self.q1.state_dict())
+        self.q2_target.load_state_dict(self.q2.state_dict())
+        self.log_alpha = nn.Parameter(torch.tensor(float(np.log(init_alpha))))
+        self.target_entropy = -float(act_dim)
+        self.gamma, self.tau = gamma, tau
+        self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=lr)
+        self.q_opt = torch.optim.Adam([*self.q1.parameters(), *self.q2.parameters()], lr=lr)
+        self.alpha_opt = torch.optim.Adam([self.log_alpha], lr=lr)
+
+    def policy(self, obs):
+        """Sample a = tanh(u), u ~ N(mu, sigma); return a and log pi(a|s) with the tanh change of variables."""
+        mean, log_std = self.actor(obs).chunk(2, dim=-1)  # (B, A) each
+        log_std = log_std.clamp(-5.0, 2.0)
+        u = mean + log_std.exp() * torch.randn_like(mean)
+        log_prob = (-0.5 * ((u - mean) / log_std.exp()) ** 2 - log_std - 0.5 * np.log(2 * np.pi)).sum(-1)
+        log_prob -= (2 * (np.log(2) - u - F.softplus(-2 * u))).sum(-1)  # log|d tanh(u)/du|, numerically stable
+        return torch.tanh(u), log_prob  # (B, A), (B,)
+
+    @torch.no_grad()
+    def act(self, obs):
+        return self.policy(torch.as_tensor(obs).unsqueeze(0))[0][0].numpy()
+
+    def q(self, nets, obs, action):
+        x = torch.cat([obs, action], dim=-1)
+        return torch.min(nets[0](x), nets[1](x)).squeeze(-1)  # (B,) pessimistic twin estimate
+
+    def update(self, obs, action, reward, next_obs, terminal):
+        alpha = self.log_alpha.exp().detach()
+        with torch.no_grad():  # soft Bellman target; no bootstrap past a true termination (time limits bootstrap)
+            next_action, next_log_prob = self.policy(next_obs)
+            next_q = self.q((self.q1_target, self.q2_target), next_obs, next_action) - alpha * next_log_prob
+            target = reward + self.gamma * (1.0 - terminal) * next_q  # (B,)
+        x = torch.cat([obs, action], dim=-1)
+        q_loss = F.mse_loss(self.q1(x).squeeze(-1), target) + F.mse_loss(self.q2(x).squeeze(-1), target)
+        self.q_opt.zero_grad()
+        q_loss.backward()
+        self.q_opt.step()
+
+        new_action, log_prob = self.policy(obs)
+        actor_loss = (alpha * log_prob - self.q((self.q1, self.q2), obs, new_action)).mean()
+        self.actor_opt.zero_grad()
+        actor_loss.backward()
+        self.actor_opt.step()
+
+        alpha_loss = -(self.log_alpha * (log_prob.detach() + self.target_entropy)).mean()
+        self.alpha_opt.zero_grad()
+        alpha_loss.backward()
+        self.alpha_opt.step()
+
+        with torch.no_grad():  # Polyak averaging of the target critics
+            online = [*self.q1.parameters(), *self.q2.parameters()]
+            target_params = [*self.q1_target.parameters(), *self.q2_target.parameters()]
+            torch._foreach_lerp_(target_params, online, self.tau)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Collection (one task per worker process)
+
+
+@dataclass
+class Args:
+    tasks: str = field(default="mt50", metadata={"help": "comma-separated task names and/or list names: " + ", ".join(TASK_LISTS)})
+    source: str = field(default="auto", metadata={"help": "behaviour source: scripted | sac | auto (scripted for Meta-World, sac for DMControl)"})
+    episodes: int = field(default=None, metadata={"help": "episodes recorded per task; for sac also its training budget (episodes x horizon env steps). Default: scripted 100, sac 50"})
+    noise_levels: str = field(default="0,0.1,0.3,0.5", metadata={"help": "scripted: Gaussian action-noise stds, one drawn per episode"})
+    seed: int = field(default=0, metadata={"help": "base seed; each task's seed is derived from it and the task's name"})
+    data_dir: str = field(default="data", metadata={"help": "output directory for <task>.npz"})
+    workers: int = field(default=os.cpu_count() or 1, metadata={"help": "parallel worker processes, one task each"})
+    overwrite: bool = field(default=False, metadata={"help": "rewrite existing files instead of skipping them"})
+    sac_warmup_steps: int = field(default=5000, metadata={"help": "sac: uniform-random actions before learning starts"})
+    sac_utd: float = field(default=1.0, metadata={"help": "sac: gradient updates per env step (update-to-data ratio)"})
+    sac_hidden: int = field(default=256, metadata={"help": "sac: width of the two hidden layers of actor and critics"})
+    sac_batch_size: int = field(default=128, metadata={"help": "sac: minibatch size per update"})
+    sac_lr: float = field(default=3e-4, metadata={"help": "sac: Adam learning rate of actor, critics and temperature"})
+
+
+def parse_args(args_cls, argv=None, description=None):
+    """A stdlib argparse built from a dataclass: one flag per field (--snake-case), its help and default."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(args_cls):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in (bool, "bool"):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
+        else:
+            kind = {"int": int, "float": float, "str": str}.get(f.type, f.type)
+            parser.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"])
+    return args_cls(**vars(parser.parse_args(argv)))
+
+
+def save_npz(path, arrays):
+    """np.savez, but atomic (temp file + rename) and byte-reproducible (fixed zip timestamps)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with zipfile.ZipFile(tmp, "w") as archive:
+            for key, value in arrays.items():
+                info = zipfile.ZipInfo(key + ".npy", date_time=(1980, 1, 1, 0, 0, 0))
+                with archive.open(info, "w", force_zip64=True) as f:
+                    np.lib.format.write_array(f, np.ascontiguousarray(value), allow_pickle=False)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def task_seed(seed, name):
+    return 1000 * seed + ALL_TASKS.index(name)
+
+
+def collect_scripted(env, name, episodes, noise_levels, rng, progress):
+    """Roll out metaworld's scripted expert with per-episode Gaussian action noise; yield transitions."""
+    from metaworld.policies import ENV_POLICY_MAP
+
+    warnings.filterwarnings("ignore", message="Constant")  # the experts' gains exceed 1 on purpose; we clip
+    expert = ENV_POLICY_MAP[name]()
+    act_dim = env.action_space.shape[0]
+    for _ in range(episodes):
+        noise_std = rng.choice(noise_levels)
+        obs, _ = env.reset(seed=int(rng.integers(2**31)))
+        for t in range(env.horizon):
+            action = expert.get_action(obs) + noise_std * rng.standard_normal(act_dim)
+            action = np.clip(action, -1.0, 1.0).astype(np.float32)  # record what was executed
+            next_obs, reward, terminated, truncated, info = env.step(action)
+            yield obs, action, reward, terminated or truncated, info.get("success", False)
+            obs = next_obs
+            if terminated or truncated:
+                break
+        progress.put(t + 1)
+
+
+def collect_sac(env, episodes, args, seed, rng, progress):
+    """Train SAC online for `episodes` episodes; yield every transition it experienced (its replay buffer)."""
+    torch.manual_seed(seed)
+    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
+    agent = SAC(obs_dim, act_dim, hidden=args.sac_hidden, lr=args.sac_lr)
+    capacity = episodes * env.horizon
+    buf_obs = np.zeros((capacity, obs_dim), np.float32)
+    buf_next_obs = np.zeros((capacity, obs_dim), np.float32)
+    buf_act = np.zeros((capacity, act_dim), np.float32)
+    buf_rew = np.zeros(capacity, np.float32)
+    buf_terminal = np.zeros(capacity, np.float32)
+    n, updates_due = 0, 0.0
+    for _ in range(episodes):
+        obs, _ = env.reset(seed=int(rng.integers(2**31)))
+        for t in range(env.horizon):
+            if n < args.sac_warmup_steps:
+                action = rng.uniform(-1.0, 1.0, act_dim).astype(np.float32)
+            else:
+                action = agent.act(obs)
+            next_obs, reward, terminated, truncated, info = env.step(action)
+            buf_obs[n], buf_act[n], buf_rew[n], buf_next_obs[n], buf_terminal[n] = obs, action, reward, next_obs, terminated
+            n += 1
+            yield obs, action, reward, terminated or truncated, info.get("success", False)
+            obs = next_obs
+            if n >= args.sac_warmup_steps:
+                updates_due += args.sac_utd
+                while updates_due >= 1.0:
+                    idx = rng.integers(0, n, args.sac_batch_size)
+                    batch = (buf_obs[idx], buf_act[idx], buf_rew[idx], buf_next_obs[idx], buf_terminal[idx])
+                    agent.update(*map(torch.from_numpy, batch))
+                    updates_due -= 1.0
+            if terminated or truncated:
+                break
+        progress.put(t + 1)
+
+
+def collect_task(name, source, args, progress):
+    """Collect one task's dataset and write data/<task>.npz; runs in a worker process. Returns its summary."""
+    torch.set_num_threads(1)  # one core per worker; workers run side by side
+    start = time.perf_counter()
+    seed = task_seed(args.seed, name)
+    rng = np.random.default_rng(seed)
+    env = make_env(name, seed)
+    if source == "scripted":
+        noise_levels = [float(x) for x in args.noise_levels.split(",")]
+        transitions = collect_scripted(env, name, args.episodes, noise_levels, rng, progress)
+    else:
+        transitions = collect_sac(env, args.episodes, args, seed, rng, progress)
+    obs, actions, rewards, dones, successes = map(np.array, zip(*transitions))
+    arrays = dict(
+        observations=obs.astype(np.float32),
+        actions=actions.astype(np.float32),
+        rewards=rewards.astype(np.float32),
+        dones=dones.astype(bool),
+    )
+    if is_metaworld(name):
+        arrays["successes"] = successes.astype(bool)
+    save_npz(os.path.join(args.data_dir, f"{name}.npz"), arrays)
+
+    ends = np.flatnonzero(arrays["dones"]) + 1
+    episode_returns = np.add.reduceat(arrays["rewards"], np.r_[0, ends[:-1]])
+    last = max(1, len(episode_returns) // 10)
+    summary = dict(
+        task=name, source=source, episodes=len(ends), transitions=len(rewards),
+        first_return=float(episode_returns[0]), mean_return=float(episode_returns.mean()),
+        last_return=float(episode_returns[-last:].mean()), max_return=float(episode_returns.max()),
+        seconds=time.perf_counter() - start,
+    )
+    if is_metaworld(name):  # success at any step of the episode (Continual World's definition)
+        summary["success"] = float(np.maximum.reduceat(arrays["successes"], np.r_[0, ends[:-1]]).mean())
+    return summary
+
+
+def format_summary(s):
+    success = f"success {s['success']:.2f} | " if "success" in s else ""
+    return (f"{s['task']:<28} {s['source']:<8} {s['episodes']:>5} episodes {s['transitions']:>8} steps | {success}"
+            f"return first {s['first_return']:8.1f} mean {s['mean_return']:8.1f} last-10% {s['last_return']:8.1f} "
+            f"max {s['max_return']:8.1f} | {s['seconds']:6.0f} s")
+
+
+def check_args(args):
+    """Validate everything cheap before any worker starts; raises ValueError with a message a user can act on."""
+    names = resolve_tasks(args.tasks)
+    if args.source not in ("auto", "scripted", "sac"):
+        raise ValueError(f"unknown --source {args.source!r}: use scripted, sac or auto")
+    if args.source == "scripted" and not all(map(is_metaworld, names)):
+        bad = [n for n in names if not is_metaworld(n)]
+        raise ValueError(f"--source scripted has experts only for Meta-World; use --source sac (or auto) for {', '.join(bad)}")
+    if args.episodes is not None and args.episodes < 1:
+        raise ValueError(f"--episodes must be at least 1 (got {args.episodes})")
+    try:
+        noise = [float(x) for x in args.noise_levels.split(",")]
+    except ValueError:
+        raise ValueError(f"--noise-levels must be comma-separated numbers, got {args.noise_levels!r}") from None
+    if any(x < 0 for x in noise):
+        raise ValueError(f"--noise-levels must be >= 0, got {args.noise_levels!r}")
+    if args.workers < 1:
+        raise ValueError(f"--workers must be at least 1 (got {args.workers})")
+    if os.path.exists(args.data_dir) and not os.path.isdir(args.data_dir):
+        raise ValueError(f"--data-dir {args.data_dir!r} is a file, not a directory: remove it or pass another --data-dir")
+    if args.sac_batch_size < 1 or args.sac_hidden < 1 or args.sac_utd < 0 or args.sac_warmup_steps < 0:
+        raise ValueError("--sac-batch-size and --sac-hidden must be >= 1, --sac-utd and --sac-warmup-steps >= 0")
+    return names
+
+
+def main(args):
+    try:
+        names = check_args(args)
+    except ValueError as e:
+        sys.exit(f"collect.py: error: {e}")
+    os.makedirs(args.data_dir, exist_ok=True)
+    sources = {n: ("scripted" if is_metaworld(n) else "sac") if args.source == "auto" else args.source for n in names}
+    default_episodes = {"scripted": 100, "sac": 50}
+    todo = []
+    for name in names:
+        if os.path.isfile(os.path.join(args.data_dir, f"{name}.npz")) and not args.overwrite:
+            print(f"skip {name}: {args.data_dir}/{name}.npz exists (--overwrite to rewrite)")
+        else:
+            todo.append(name)
+    if not todo:
+        return
+    episodes = {n: args.episodes or default_episodes[sources[n]] for n in todo}
+    horizon = {n: METAWORLD_HORIZON if is_metaworld(n) else DMC_HORIZON for n in todo}
+    total_steps = sum(episodes[n] * horizon[n] for n in todo)
+    workers = min(args.workers, len(todo))
+    print(f"collecting {len(todo)} tasks, {total_steps:,} env steps, {workers} worker processes -> {args.data_dir}/")
+
+    start, summaries, failures = time.perf_counter(), [], {}
+    ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no forked torch/mujoco state
+    with ctx.Manager() as manager, tqdm(total=total_steps, unit="step", unit_scale=True, smoothing=0.05) as bar:
+        progress = manager.Queue()
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+            futures = {
+                pool.submit(collect_task, n, sources[n], dataclasses.replace(args, episodes=episodes[n]), progress): n
+                for n in todo
+            }
+            pending = set(futures)
+            while pending:
+                done, pending = concurrent.futures.wait(pending, timeout=0.5)
+                while not progress.empty():
+                    bar.update(progress.get())
+                for future in done:
+                    name = futures[future]
+                    try:
+                        summaries.append(future.result())
+                        tqdm.write(format_summary(summaries[-1]))
+                    except concurrent.futures.process.BrokenProcessPool:
+                        failures[name] = "its worker process died (out of memory or killed?)"
+                    except Exception as e:  # one task's failure must not lose the others' finished files
+                        failures[name] = f"{type(e).__name__}: {e}"
+                    if name in failures:
+                        tqdm.write(f"FAILED {name}: {failures[name]}")
+    seconds = time.perf_counter() - start
+
+    print(f"\nsummary ({len(summaries)} written, {len(failures)} failed):")
+    for s in sorted(summaries, key=lambda s: names.index(s["task"])):
+        print(format_summary(s))
+    steps = sum(s["transitions"] for s in summaries)
+    print(f"{steps:,} env steps in {seconds:.0f} s: {steps / seconds:,.0f} env steps/s with {workers} workers")
+    if failures:
+        for name, why in failures.items():
+            print(f"collect.py: error: {name} failed, no file written: {why}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main(parse_args(Args, description=__doc__.split("\n")[0]))
