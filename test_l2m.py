@@ -184,3 +184,291 @@ def test_save_npz_is_atomic_on_failure(tmp_path):
     with pytest.raises(ValueError):  # object arrays cannot be written without pickle: fails mid-write
         collect.save_npz(str(path), dict(ok=np.zeros(3), bad=np.array([object()])))
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------------------
+# model.py
+
+import model as M  # noqa: E402
+
+
+def tiny_model(act_dim=4, seed=0, **pool):
+    torch.manual_seed(seed)
+    net = M.DecisionTransformer(M.DTConfig(n_layer=2, n_head=2, n_embd=32, act_dim=act_dim, max_ep_len=200))
+    if pool:
+        net.pool = M.ModulationPool(2, 32, **pool)
+    return net.eval()
+
+
+def random_batch(B=6, K=5, act_dim=4, seed=0, pad=True):
+    g = torch.Generator().manual_seed(seed)
+    step_mask = torch.ones(B, K, dtype=torch.bool)
+    if pad:
+        step_mask[0, :3] = False  # left padding, as at the start of an episode
+        step_mask[1, :1] = False
+    return dict(states=torch.randn(B, K, 204, generator=g), returns=torch.randn(B, K, generator=g),
+                action_bins=torch.randint(0, 64, (B, K, act_dim), generator=g), rewards=torch.randn(B, K, generator=g),
+                timesteps=torch.randint(0, 200, (B, K), generator=g), step_mask=step_mask)
+
+
+def forward(net, b, **kw):
+    return net(b["states"], b["returns"], b["action_bins"], b["rewards"], b["timesteps"], b["step_mask"], **kw)
+
+
+def test_later_tokens_do_not_change_earlier_outputs():
+    net, b = tiny_model(), random_batch(pad=False)
+    logits, _ = forward(net, b)
+    changed = {k: v.clone() for k, v in b.items()}
+    changed["action_bins"][:, 2, 1] = (changed["action_bins"][:, 2, 1] + 7) % 64  # token a^2 of timestep 2
+    changed["states"][:, 3] += 1.0
+    after, _ = forward(net, changed)
+    assert torch.equal(logits[:, :2], after[:, :2]) and torch.equal(logits[:, 2, :2], after[:, 2, :2])
+    assert not torch.allclose(logits[:, 2, 2:], after[:, 2, 2:])  # a^3 onwards sees the change
+
+
+def test_padded_timesteps_are_invisible():
+    net, b = tiny_model(), random_batch()
+    logits, _ = forward(net, b)
+    garbage = {k: v.clone() for k, v in b.items()}
+    pad = ~b["step_mask"]
+    garbage["states"][pad] = 5.0
+    garbage["returns"][pad] = -3.0
+    garbage["action_bins"][pad] = 7
+    garbage["timesteps"][pad] = 99
+    after, _ = forward(net, garbage)
+    assert torch.allclose(logits[b["step_mask"]], after[b["step_mask"]], atol=1e-6)
+
+
+def test_action_loss_ignores_padded_tokens():
+    logits = torch.randn(2, 3, 4, 64)
+    targets = torch.randint(0, 64, (2, 3, 4))
+    valid = torch.zeros(2, 3, 4, dtype=torch.bool)
+    valid[0, 2, :2] = True
+    loss, _ = M.action_loss(logits, targets, valid)
+    expected = torch.nn.functional.cross_entropy(logits[0, 2, :2], targets[0, 2, :2])
+    assert torch.allclose(loss, expected)
+    scrambled = logits.clone()
+    scrambled[~valid] = 100.0
+    assert torch.allclose(M.action_loss(scrambled, targets, valid)[0], expected)
+
+
+def test_tokenizer_round_trip():
+    tok = M.ActionTokenizer(64)
+    a = torch.linspace(-1, 1, 1001)
+    assert (tok.decode(tok.encode(a)) - a).abs().max() <= 1 / 64 + 1e-6  # within half a bin (width 2/64)
+    bins = torch.arange(64)
+    assert torch.equal(tok.encode(tok.decode(bins)), bins)
+    assert tok.encode(torch.tensor([-1.0, 1.0, -5.0, 5.0])).tolist() == [0, 63, 0, 63]
+
+
+def test_zero_initialized_modulator_changes_nothing():
+    plain, b = tiny_model(), random_batch()
+    pooled = tiny_model(pool_size=5)
+    pooled.load_state_dict(plain.state_dict(), strict=False)
+    assert torch.equal(forward(plain, b)[0], forward(pooled, b)[0])
+
+
+def merged_reference(net, entry):
+    """A plain model with pool entry `entry` folded into its weights: an independent reference for modulation."""
+    ref = tiny_model()
+    ref.load_state_dict({k: v for k, v in net.state_dict().items() if not k.startswith("pool.")})
+    pool, C = net.pool, net.cfg.n_embd
+    with torch.no_grad():
+        for l, block in enumerate(ref.blocks):
+            block.attn.qkv.weight[:C] += pool.scale * (pool.q_a[entry, l] @ pool.q_b[entry, l]).T
+            block.attn.qkv.weight[2 * C:] += pool.scale * (pool.v_a[entry, l] @ pool.v_b[entry, l]).T
+            mix = torch.eye(4 * C) + pool.scale * pool.mlp_a[entry, l] @ pool.mlp_b[entry, l]  # u -> u (I + sAB)
+            block.mlp.fc.weight.copy_(mix.T @ block.mlp.fc.weight)
+            block.mlp.fc.bias.copy_(block.mlp.fc.bias @ mix)
+    return ref
+
+
+def test_batched_per_sample_modulation_equals_per_sample_reference():
+    net, b = tiny_model(pool_size=4), random_batch(B=8)
+    with torch.no_grad():
+        for p in (net.pool.q_b, net.pool.v_b, net.pool.mlp_b):
+            p.normal_(0, 0.3)
+    logits, routing = forward(net, b)
+    assert len(set(routing["index"].tolist())) > 1, "the batch should mix entries"
+    for i, entry in enumerate(routing["index"].tolist()):
+        ref_logits, _ = forward(merged_reference(net, entry), {k: v[i : i + 1] for k, v in b.items()})
+        assert torch.allclose(logits[i], ref_logits[0], atol=1e-4)
+
+
+def test_top1_routing_picks_the_key_equal_to_the_query():
+    net, b = tiny_model(pool_size=6), random_batch(B=6)
+    query = net.query(net.embed(b["states"], b["returns"], b["action_bins"], b["rewards"], b["timesteps"]), b["step_mask"])
+    order = torch.tensor([3, 0, 5, 1, 4, 2])
+    with torch.no_grad():
+        net.pool.keys[order] = query * 2.0  # cosine ignores scale
+    _, routing = forward(net, b)
+    assert torch.equal(routing["index"], order)
+    assert torch.allclose(routing["pull"], torch.tensor(1.0))
+
+
+def test_count_penalty_sends_a_second_task_to_unused_entries():
+    net, b = tiny_model(pool_size=6), random_batch(B=6)
+    net.train()
+    query = net.query(net.embed(b["states"], b["returns"], b["action_bins"], b["rewards"], b["timesteps"]), b["step_mask"])
+    with torch.no_grad():
+        net.pool.keys[2] = query.mean(0)  # task 0's windows all go to entry 2
+        net.pool.keys[[0, 1, 3, 4, 5]] = -query.mean(0) + 0.1 * torch.randn(5, 32)
+    net.pool.start_task(0)
+    for _ in range(3):
+        index, _ = net.pool.select(query)
+        assert (index == 2).all()
+    net.pool.start_task(1)  # the same states again: entry 2 is taken, so the penalty routes elsewhere
+    index, _ = net.pool.select(query)
+    assert (index != 2).all()
+    net.eval()  # evaluation: plain cosine, no penalty
+    assert (net.pool.select(query)[0] == 2).all()
+
+
+def test_oracle_masks_entries_of_other_tasks():
+    net, b = tiny_model(pool_size=6, n_groups=3), random_batch(B=6)
+    task_ids = torch.tensor([0, 1, 2, 0, 1, 2])
+    _, routing = forward(net, b, task_ids=task_ids)
+    assert torch.equal(routing["index"] // 2, task_ids)
+
+
+@pytest.mark.parametrize("pool", [{}, {"pool_size": 3}])
+def test_cached_acting_equals_uncached(pool):
+    net, b = tiny_model(act_dim=6, **pool), random_batch(act_dim=6)
+    if pool:
+        with torch.no_grad():
+            net.pool.q_b.normal_(0, 0.3)
+            net.pool.mlp_b.normal_(0, 0.3)
+    for act_dim in (1, 4, 6):
+        cached, _ = net.act(**b, act_dim=act_dim)
+        plain, _ = net.act(**b, act_dim=act_dim, use_cache=False)
+        assert cached.shape == (6, act_dim) and torch.equal(cached, plain)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# pretrain.py
+
+import pretrain  # noqa: E402
+
+
+def write_fake_task(data_dir, name, episodes=4, length=20, obs_dim=39, act_dim=4, seed=0):
+    """A synthetic data file in the contract: rewards 1, 2, 3, ... within each episode, so returns are known."""
+    rng = np.random.default_rng(seed)
+    n = episodes * length
+    arrays = dict(observations=rng.standard_normal((n, obs_dim)).astype(np.float32),
+                  actions=rng.uniform(-1, 1, (n, act_dim)).astype(np.float32),
+                  rewards=np.tile(np.arange(1, length + 1), episodes).astype(np.float32),
+                  dones=np.tile(np.arange(length) == length - 1, episodes))
+    collect.save_npz(str(data_dir / f"{name}.npz"), arrays)
+    return arrays
+
+
+def test_dataset_windows_left_pad_returns_to_go_and_timesteps(tmp_path):
+    arrays = write_fake_task(tmp_path, "reach-v3", episodes=3, length=10)
+    write_fake_task(tmp_path, "cartpole-balance", episodes=3, length=10, obs_dim=5, act_dim=1)
+    tasks, data, pools, heldout = pretrain.load_data(["reach-v3", "cartpole-balance"], str(tmp_path), 1, 5, 6, 64, 0)
+    assert tasks[0]["target_return"] == 55.0 and tasks[1]["act_dim"] == 1 and len(pools) == 2
+    b = data.windows(np.array([1, 1, 4]), np.array([0, 8, 3]))  # episode 1 of reach; episode 1 of cartpole
+    assert b["step_mask"][0].all() and b["step_mask"][1].tolist() == [False, False, False, True, True]
+    assert b["timesteps"][1].tolist() == [0, 0, 0, 8, 9] and b["timesteps"][0].tolist() == [0, 1, 2, 3, 4]
+    scale = 200.0  # Meta-World's reward scale: return-to-go at step t of rewards 1..10 is sum(t+1..10)
+    assert torch.allclose(b["returns"][0] * scale, torch.tensor([55.0, 54, 52, 49, 45]))
+    assert torch.allclose(b["rewards"][1, 3:] * scale, torch.tensor([9.0, 10.0]))
+    assert torch.equal(b["states"][0, :, :39], torch.from_numpy(arrays["observations"][10:15]))
+    assert (b["states"][:, :, 39:] == 0).all() and (b["states"][1, :3] == 0).all()
+    assert (b["action_bins"][1, :3] == 64).all() and (b["action_bins"][2, :, 1:] == 64).all()  # padding token
+    assert b["valid"][2].sum() == 5 and b["valid"][0].sum() == 20 and b["valid"][1].sum() == 8
+    sampled = data.sample(64, pools)
+    assert (sampled["task_ids"] == 0).sum() == 32, "batches are balanced across domains"
+
+
+@pytest.fixture
+def fake_data(tmp_path):
+    for i, name in enumerate(["reach-v3", "push-v3"]):
+        write_fake_task(tmp_path, name, episodes=5, length=30, seed=i)
+    return tmp_path
+
+
+def pretrain_args(data_dir, **kw):
+    base = dict(tasks="reach-v3,push-v3", data_dir=str(data_dir), out=str(data_dir / "run" / "ckpt.pt"), steps=6,
+                batch_size=8, n_layer=2, n_head=2, n_embd=32, warmup_steps=2, eval_every=3, save_every=3)
+    return pretrain.Args(**{**base, **kw})
+
+
+def test_resume_equals_an_uninterrupted_run(fake_data, monkeypatch):
+    pretrain.main(pretrain_args(fake_data, out=str(fake_data / "a" / "ckpt.pt")))
+    uninterrupted = torch.load(fake_data / "a" / "ckpt.pt", weights_only=True)["model"]
+
+    real_save = pretrain.save_atomic
+
+    def save_then_crash(obj, path):  # the run dies right after its first checkpoint (step 3)
+        real_save(obj, path)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pretrain, "save_atomic", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain.main(pretrain_args(fake_data))
+    monkeypatch.setattr(pretrain, "save_atomic", real_save)
+    assert torch.load(fake_data / "run" / "ckpt.pt", weights_only=True)["step"] == 3
+    pretrain.main(pretrain_args(fake_data, resume=True))
+    resumed = torch.load(fake_data / "run" / "ckpt.pt", weights_only=True)
+    assert resumed["step"] == 6
+    for k, v in uninterrupted.items():
+        assert torch.equal(v, resumed["model"][k]), k
+
+
+def test_checkpoint_round_trip_gives_identical_actions(fake_data):
+    pretrain.main(pretrain_args(fake_data))
+    ckpt = pretrain.load_checkpoint(str(fake_data / "run" / "ckpt.pt"))
+    assert ckpt["tasks"][0]["name"] == "reach-v3" and ckpt["tasks"][0]["target_return"] == sum(range(1, 31))
+    net = M.DecisionTransformer(M.DTConfig(**ckpt["model_args"])).eval()
+    net.load_state_dict(ckpt["model"])
+    torch.manual_seed(0)
+    again = M.DecisionTransformer(M.DTConfig(**ckpt["model_args"])).eval()
+    again.load_state_dict(torch.load(fake_data / "run" / "ckpt.pt", weights_only=True)["model"])
+    b = random_batch(act_dim=4)
+    assert torch.equal(net.act(**b, act_dim=4)[0], again.act(**b, act_dim=4)[0])
+    fresh = M.DecisionTransformer(M.DTConfig(**ckpt["model_args"])).eval()
+    assert not torch.equal(forward(fresh, b)[0], forward(net, b)[0])  # the weights carry the training
+
+
+def test_resume_with_other_settings_says_what_differs(fake_data):
+    pretrain.main(pretrain_args(fake_data))
+    with pytest.raises(SystemExit):
+        pretrain.main(pretrain_args(fake_data, resume=True, n_embd=64))
+    proc = run_script("pretrain.py", "--tasks", "reach-v3,push-v3", "--data-dir", str(fake_data), "--out",
+                      str(fake_data / "run" / "ckpt.pt"), "--steps", "6", "--batch-size", "8", "--n-layer", "2",
+                      "--n-head", "2", "--n-embd", "64", "--warmup-steps", "2", "--eval-every", "3", "--save-every", "3",
+                      "--resume", check=False)
+    assert proc.returncode != 0 and "--n-embd 32 (checkpoint) vs 64 (now)" in proc.stderr
+
+
+@pytest.mark.parametrize("corrupt, message", [
+    (lambda a: a.pop("rewards"), "missing keys ['rewards']"),
+    (lambda a: a["observations"].__setitem__((3, 2), np.nan), "observations contains NaN"),
+    (lambda a: a.__setitem__("actions", a["actions"][:, :, None]), "expected observations (N, obs_dim)"),
+])
+def test_bad_data_files_are_rejected_naming_the_file(tmp_path, corrupt, message):
+    arrays = write_fake_task(tmp_path, "reach-v3")
+    corrupt(arrays)
+    collect.save_npz(str(tmp_path / "reach-v3.npz"), arrays)
+    proc = run_script("pretrain.py", "--tasks", "reach-v3", "--data-dir", str(tmp_path), "--out", str(tmp_path / "x" / "c.pt"), check=False)
+    assert proc.returncode != 0 and message in proc.stderr and "reach-v3.npz" in proc.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_missing_data_names_the_collect_command(tmp_path):
+    proc = run_script("pretrain.py", "--tasks", "cw10", "--data-dir", str(tmp_path), "--out", str(tmp_path / "c.pt"), check=False)
+    assert proc.returncode != 0 and "python collect.py --tasks hammer-v3,push-wall-v3" in proc.stderr
+
+
+def test_two_process_gloo_ddp_run(fake_data):
+    out = fake_data / "ddp" / "ckpt.pt"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+                           os.path.join(HERE, "pretrain.py"), "--tasks", "reach-v3,push-v3", "--data-dir", str(fake_data),
+                           "--out", str(out), "--steps", "4", "--batch-size", "4", "--n-layer", "2", "--n-head", "2",
+                           "--n-embd", "32", "--warmup-steps", "1", "--device", "cpu"],
+                          capture_output=True, text=True, cwd=HERE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = torch.load(out, weights_only=True)
+    assert ckpt["step"] == 4 and ckpt["world_size"] == 2 and len(ckpt["rng"]["numpy"]) == 2
+    assert ckpt["rng"]["numpy"][0] != ckpt["rng"]["numpy"][1], "each rank samples its own windows"

@@ -1,0 +1,335 @@
+"""The multi-domain Decision Transformer and L2M's modulation pool. Imports only torch.
+
+Shape legend:
+  B batch   K timesteps in the context   S = A + 3 tokens per timestep   T = S * K tokens
+  C embed dim   H heads   L layers   A action tokens per step (max action dim, 6)   NB action bins (64)
+  P pool entries   r low-rank rank
+
+Token layout of one timestep t (the authors' `tok_to_pos`, reward-conditioned):
+  [ s_t | R_t | a_t^1 ... a_t^A | r_t ]   state, return-to-go, one token per action dim, reward
+Action dim j is predicted from the output at the token before it: a^1 from R_t, a^j from a^(j-1).
+So the A outputs at positions 1..A of each timestep are the action predictions; s_t and r_t predict nothing.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class DTConfig:
+    n_layer: int = 4  # paper: 6
+    n_head: int = 4  # paper: 12
+    n_embd: int = 128  # paper: 768
+    dropout: float = 0.1  # HF GPT-2 defaults (resid/embd/attn), as in the authors' DecisionTransformerConfig
+    context_len: int = 5  # K timesteps (the authors' max_length and eval_context_len)
+    state_dim: int = 204  # states zero-padded to the unified 204-d space (max_state_dim)
+    act_dim: int = 6  # action dims padded to this; 6 covers DMControl, 4 suffices for Meta-World alone
+    n_bins: int = 64  # uniform bins per action dimension (action_channels); bin n_bins is the padding token
+    max_ep_len: int = 1000  # timestep embedding table (max_ep_len of dt_mediumplus_64.yaml)
+
+    @property
+    def tokens_per_step(self):
+        return self.act_dim + 3
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+
+class ActionTokenizer:
+    """Continuous actions in [-1, 1] <-> one of n_bins uniform bins per dimension (the authors' MinMaxTokenizer)."""
+
+    def __init__(self, n_bins=64):
+        self.n_bins = n_bins
+
+    def encode(self, actions):
+        """(..., A) float -> (..., A) long in [0, n_bins); values are clipped to [-1, 1] first."""
+        bins = torch.floor((actions.clamp(-1.0, 1.0) + 1.0) / (2.0 / self.n_bins)).long()
+        return bins.clamp(0, self.n_bins - 1)
+
+    def decode(self, bins):
+        """(..., A) long -> (..., A) float at the bin centre (the authors decode to the lower edge)."""
+        return (bins.float() + 0.5) * (2.0 / self.n_bins) - 1.0
+
+
+class ModulationPool(nn.Module):
+    """L2M's pool: P entries, each a key in R^C and, for every layer, low-rank modulators of Q, V and the MLP.
+
+    Selection (Schmied et al. 2023, Sec. 3; the authors' L2PPrompt): query = masked mean of the embedded state
+    tokens; cosine similarity to every key; top-1 per sample. Training from the second task on, the score becomes
+    ((cos + 1) / 2) * inv, inv = normalized 1 / (selection frequency so far + 1e-6), refreshed at each task
+    switch, so a new task takes entries no earlier task used. A pool of one entry is plain LoRA.
+    """
+
+    def __init__(self, n_layer, n_embd, pool_size=30, rank=8, alpha=16.0, n_groups=0):
+        super().__init__()
+        P, L, C, r = pool_size, n_layer, n_embd, rank
+        self.scale = alpha / rank  # l2m_lora.yaml: rank 8, lora_alpha = 2 * rank
+        self.n_groups = n_groups  # > 0: the oracle, entries split into n_groups contiguous groups masked by task id
+        self.keys = nn.Parameter(torch.empty(P, C).uniform_(-1.0, 1.0))  # init_keys: uniform
+        # A: per-matrix kaiming-uniform like loralib (bound 1/sqrt(fan_in)); B: zero, so a fresh entry changes nothing
+        self.q_a = nn.Parameter(torch.empty(P, L, C, r).uniform_(-1.0, 1.0) / math.sqrt(C))
+        self.v_a = nn.Parameter(torch.empty(P, L, C, r).uniform_(-1.0, 1.0) / math.sqrt(C))
+        self.mlp_a = nn.Parameter(torch.empty(P, L, 4 * C, r).uniform_(-1.0, 1.0) / math.sqrt(4 * C))
+        self.q_b = nn.Parameter(torch.zeros(P, L, r, C))
+        self.v_b = nn.Parameter(torch.zeros(P, L, r, C))
+        self.mlp_b = nn.Parameter(torch.zeros(P, L, r, 4 * C))
+        self.register_buffer("counts", torch.zeros(P))  # running mean of the per-batch selection histogram
+        self.register_buffer("n_batches", torch.zeros((), dtype=torch.long))
+        self.register_buffer("inv_counts", torch.full((P,), 1.0 / P))
+        self.register_buffer("penalize", torch.zeros((), dtype=torch.bool))
+
+    @property
+    def size(self):
+        return self.keys.shape[0]
+
+    def start_task(self, task_index):
+        """At a task switch: refresh the inverse-frequency weights; the penalty applies from the second task on."""
+        inv = 1.0 / (self.counts + 1e-6)
+        self.inv_counts.copy_(inv / inv.sum())
+        self.penalize.fill_(task_index > 0)
+
+    def select(self, query, task_ids=None):
+        """query (B, C) -> entry index (B,), cosine similarity to every key (B, P)."""
+        sim = F.normalize(query.float(), dim=-1) @ F.normalize(self.keys.float(), dim=-1).T  # (B, P)
+        score = sim
+        if self.training and self.penalize:
+            score = (sim + 1.0) / 2.0 * self.inv_counts  # (B, P)
+        if self.n_groups > 0:  # oracle: only the entries of the sample's own task group
+            group = torch.arange(self.size, device=sim.device) // (self.size // self.n_groups)  # (P,)
+            score = score.masked_fill(group[None, :] != task_ids[:, None], float("-inf"))
+        if self.size == 1:
+            index = torch.zeros(len(query), dtype=torch.long, device=query.device)
+        else:
+            index = score.argmax(dim=-1)  # (B,)
+        if self.training:
+            histogram = torch.bincount(index, minlength=self.size).float() / len(index)  # (P,)
+            self.n_batches += 1
+            self.counts += (histogram - self.counts) / self.n_batches
+        return index, sim
+
+    def gather(self, index):
+        """Each sample's own modulators, per layer: a list of L dicts of (B, in, r) / (B, r, out) tensors."""
+        return [
+            dict(q_a=self.q_a[index, l], q_b=self.q_b[index, l], v_a=self.v_a[index, l], v_b=self.v_b[index, l],
+                 mlp_a=self.mlp_a[index, l], mlp_b=self.mlp_b[index, l], scale=self.scale)
+            for l in range(self.q_a.shape[1])
+        ]
+
+
+def low_rank(x, a, b, scale):
+    """Per-sample low-rank residual s * (x A) B: x (B, T, in), a (B, in, r), b (B, r, out) -> (B, T, out)."""
+    return scale * torch.bmm(torch.bmm(x, a), b)
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.dropout = cfg.dropout
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, attn_mask, mod=None, cache=None):
+        """x (B, T, C); attn_mask (B, 1, T, T_all) bool, True = may attend; mod: this layer's modulators or None;
+        cache: None, or a dict holding the keys/values of earlier positions, extended in place (acting)."""
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=-1)  # (B, T, C) each
+        if mod is not None:  # L2M: low-rank modulation of the query and value projections
+            q = q + low_rank(x, mod["q_a"], mod["q_b"], mod["scale"])
+            v = v + low_rank(x, mod["v_a"], mod["v_b"], mod["scale"])
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T, C/H)
+        if cache is not None:
+            if "k" in cache:
+                k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)  # (B, H, T_all, C/H)
+            cache["k"], cache["v"] = k, v
+        dropout = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)  # (B, H, T, C/H)
+        return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, C)))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd)
+        self.proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, mod=None):
+        u = self.fc(x)  # (B, T, 4C)
+        if mod is not None:  # L2M: low-rank residual on the hidden pre-activations, u + s (u A) B (MLPIA3.forward)
+            u = u + low_rank(u, mod["mlp_a"], mod["mlp_b"], mod["scale"])
+        return self.dropout(self.proj(F.gelu(u)))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block (GPT-2)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, attn_mask, mod=None, cache=None):
+        x = x + self.attn(self.ln_1(x), attn_mask, mod, cache)
+        return x + self.mlp(self.ln_2(x), mod)
+
+
+class DecisionTransformer(nn.Module):
+    """A Decision Transformer over discretized actions, for many tasks and two domains at once (the MDDT)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        C = cfg.n_embd
+        self.embed_state = nn.Linear(cfg.state_dim, C)
+        self.embed_return = nn.Linear(1, C)
+        self.embed_reward = nn.Linear(1, C)
+        self.embed_action = nn.Embedding(cfg.n_bins + 1, C)  # one table shared by all action dims; index n_bins = pad
+        self.embed_timestep = nn.Embedding(cfg.max_ep_len, C)
+        self.embed_ln = nn.LayerNorm(C)
+        self.embed_dropout = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
+        self.ln_f = nn.LayerNorm(C)
+        self.action_head = nn.Linear(C, cfg.n_bins)  # one head for every action dim
+        self.pool = None  # a ModulationPool, attached by fine-tuning (L2M, LoRA)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2: residual projections scaled by 1/sqrt(2L)
+            if name.endswith("proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    # --- inputs ------------------------------------------------------------------------------------------
+
+    def embed(self, states, returns, action_bins, rewards, timesteps):
+        """states (B, K, 204), returns (B, K), action_bins (B, K, A) long, rewards (B, K), timesteps (B, K)
+        -> tokens (B, K*S, C), interleaved [s, R, a^1..a^A, r] per timestep, after the embedding LayerNorm."""
+        B, K = returns.shape
+        tokens = torch.cat([
+            self.embed_state(states).unsqueeze(2),  # (B, K, 1, C)
+            self.embed_return(returns.unsqueeze(-1)).unsqueeze(2),  # (B, K, 1, C)
+            self.embed_action(action_bins),  # (B, K, A, C)
+            self.embed_reward(rewards.unsqueeze(-1)).unsqueeze(2),  # (B, K, 1, C)
+        ], dim=2)  # (B, K, S, C)
+        tokens = tokens + self.embed_timestep(timesteps).unsqueeze(2)  # the step's embedding on every token of it
+        return self.embed_ln(tokens.reshape(B, K * self.cfg.tokens_per_step, -1))  # (B, T, C)
+
+    def attention_mask(self, step_mask, n_queries=None):
+        """step_mask (B, K) bool, True = real timestep (left padding is False) -> (B, 1, T, T) causal & not-padding.
+        A padded query may see itself, so no row is empty (its output is never used)."""
+        S = self.cfg.tokens_per_step
+        key_valid = step_mask.repeat_interleave(S, dim=1)  # (B, T)
+        T = key_valid.shape[1]
+        causal = torch.ones(T, T, dtype=torch.bool, device=step_mask.device).tril()  # (T, T)
+        eye = torch.eye(T, dtype=torch.bool, device=step_mask.device)
+        return (causal & (key_valid[:, None, :] | eye))[:, None]  # (B, 1, T, T)
+
+    def query(self, tokens, step_mask):
+        """L2M's query: masked mean of the embedded state tokens (frozen weights only). -> (B, C)"""
+        S = self.cfg.tokens_per_step
+        state_tokens = tokens[:, ::S]  # (B, K, C): position 0 of every timestep
+        m = step_mask.unsqueeze(-1).to(tokens.dtype)  # (B, K, 1)
+        return (state_tokens * m).sum(1) / m.sum(1).clamp(min=1.0)  # (B, C)
+
+    # --- forward -----------------------------------------------------------------------------------------
+
+    def forward(self, states, returns, action_bins, rewards, timesteps, step_mask, task_ids=None):
+        """-> logits (B, K, A, NB) for every action token, and the pool's output (None without a pool):
+        dict(index (B,), sim (B, P), pull = mean cosine between each query and the key it selected)."""
+        B, K = returns.shape
+        tokens = self.embed(states, returns, action_bins, rewards, timesteps)  # (B, T, C)
+        mods, routing = self.modulators(tokens, step_mask, task_ids)
+        x = self.embed_dropout(tokens)
+        mask = self.attention_mask(step_mask)
+        for layer, block in enumerate(self.blocks):
+            x = block(x, mask, mods[layer] if mods else None)
+        x = self.ln_f(x).view(B, K, self.cfg.tokens_per_step, -1)  # (B, K, S, C)
+        logits = self.action_head(x[:, :, 1 : 1 + self.cfg.act_dim])  # (B, K, A, NB): R and a^1..a^(A-1) predict
+        return logits, routing
+
+    def modulators(self, tokens, step_mask, task_ids=None):
+        """Route each sample to a pool entry; -> (per-layer modulators or None, routing dict or None)."""
+        if self.pool is None:
+            return None, None
+        index, sim = self.pool.select(self.query(tokens, step_mask), task_ids)  # (B,), (B, P)
+        pull = sim.gather(1, index[:, None]).mean()  # L2M: pulls chosen keys toward their queries
+        return self.pool.gather(index), dict(index=index, sim=sim, pull=pull)
+
+    # --- acting ------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def act(self, states, returns, action_bins, rewards, timesteps, step_mask, act_dim, task_ids=None, use_cache=True):
+        """The next action of a batch of environments: argmax bins for dims 1..act_dim of the last timestep.
+
+        Inputs are the context windows (as in forward) whose last timestep holds the current state and
+        return-to-go; its action and reward tokens are ignored. Dim j is predicted after writing dims < j into
+        the window. With use_cache, the tokens before a^1 are run once and their keys/values reused, so the
+        act_dim passes cost about one forward; without it, each pass runs the whole window again.
+        -> (B, act_dim) bins, and the routing dict (or None)."""
+        B, K = returns.shape
+        S = self.cfg.tokens_per_step
+        action_bins = action_bins.clone()
+        action_bins[:, -1] = self.cfg.n_bins  # the current step's actions are unknown
+        tokens = self.embed(states, returns, action_bins, rewards, timesteps)  # (B, T, C)
+        mods, routing = self.modulators(tokens, step_mask, task_ids)
+        prefix = (K - 1) * S + 2  # tokens up to and including the current R_t
+        if not use_cache:
+            for j in range(act_dim):
+                mask = self.attention_mask(step_mask)[:, :, : prefix + j, : prefix + j]
+                x = tokens[:, : prefix + j]
+                for layer, block in enumerate(self.blocks):
+                    x = block(x, mask, mods[layer] if mods else None)
+                action_bins[:, -1, j] = self.action_head(self.ln_f(x[:, -1])).argmax(-1)  # (B,)
+                tokens = self.embed(states, returns, action_bins, rewards, timesteps)
+            return action_bins[:, -1, :act_dim], routing
+        caches = [dict() for _ in self.blocks]
+        mask = self.attention_mask(step_mask)  # (B, 1, T, T)
+        x, rows = tokens[:, :prefix], slice(0, prefix)
+        for j in range(act_dim):
+            m = mask[:, :, rows, : rows.stop]  # the new rows, against every key so far
+            for layer, block in enumerate(self.blocks):
+                x = block(x, m, mods[layer] if mods else None, caches[layer])
+            action_bins[:, -1, j] = self.action_head(self.ln_f(x[:, -1])).argmax(-1)  # (B,)
+            if j + 1 < act_dim:  # embed just the new action token: its own embedding + time, then the LayerNorm
+                t = timesteps[:, -1]
+                x = self.embed_ln(self.embed_action(action_bins[:, -1, j]) + self.embed_timestep(t))[:, None]  # (B, 1, C)
+                rows = slice(prefix + j, prefix + j + 1)
+        return action_bins[:, -1, :act_dim], routing
+
+    # --- training helpers ----------------------------------------------------------------------------------
+
+    def configure_optimizer(self, lr, weight_decay, betas=(0.9, 0.999)):
+        """AdamW with decay on Linear weights only (the authors' get_optim_groups); only trainable parameters."""
+        linear_weights = {id(m.weight) for m in self.modules() if isinstance(m, nn.Linear)}
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [
+            dict(params=[p for p in params if id(p) in linear_weights], weight_decay=weight_decay),
+            dict(params=[p for p in params if id(p) not in linear_weights], weight_decay=0.0),
+        ]
+        return torch.optim.AdamW(groups, lr=lr, betas=betas)
+
+
+def action_loss(logits, target_bins, valid):
+    """Cross-entropy over valid action tokens: logits (B, K, A, NB), target_bins (B, K, A), valid (B, K, A) bool.
+    -> (mean loss, accuracy) over the valid tokens (padded timesteps and padded dims carry no loss)."""
+    flat_valid = valid.reshape(-1)
+    chosen_logits = logits.reshape(-1, logits.shape[-1])[flat_valid]  # (N, NB)
+    chosen_targets = target_bins.reshape(-1)[flat_valid]  # (N,)
+    loss = F.cross_entropy(chosen_logits.float(), chosen_targets)
+    accuracy = (chosen_logits.argmax(-1) == chosen_targets).float().mean()
+    return loss, accuracy
+

@@ -1,0 +1,346 @@
+"""Stage 2 of 4: multi-task offline pre-training of the Decision Transformer.
+
+Reads data/<task>.npz (from collect.py) for the chosen tasks. Writes runs/pretrain/ckpt.pt: weights, model
+config, arguments, the task table (dims, reward scale, target return), optimizer and RNG state, step.
+
+Examples:
+  python pretrain.py                                  # MT40, CPU-sized defaults (~30 min on 2 cores)
+  python pretrain.py --tasks mt40,dmc10               # the paper's multi-domain run (needs collect.py --tasks dmc10)
+  python pretrain.py --resume                         # continue an interrupted run
+  torchrun --nproc_per_node 2 pretrain.py ...         # data-parallel (NCCL on GPUs, gloo on CPU)
+"""
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from collect import DMC16, MT50, is_metaworld, parse_args, resolve_tasks
+from model import ActionTokenizer, DecisionTransformer, DTConfig, action_loss
+
+REWARD_SCALE = {"metaworld": 200.0, "dmcontrol": 100.0}  # rewards and returns-to-go are divided by these (authors)
+MAX_STATE_DIM = 204  # the authors' unified state space
+
+
+@dataclass
+class Args:
+    tasks: str = field(default="mt40", metadata={"help": "tasks to pre-train on: task names and/or list names (mt40, dmc10, ...)"})
+    data_dir: str = field(default="data", metadata={"help": "directory of <task>.npz files written by collect.py"})
+    out: str = field(default="runs/pretrain/ckpt.pt", metadata={"help": "checkpoint path (written atomically)"})
+    seed: int = field(default=0, metadata={"help": "seed for initialization, sampling and dropout"})
+    device: str = field(default="auto", metadata={"help": "auto (cuda if available), cpu or cuda"})
+    steps: int = field(default=8000, metadata={"help": "optimizer steps"})
+    batch_size: int = field(default=64, metadata={"help": "windows per step (per process); split evenly across domains"})
+    lr: float = field(default=1e-3, metadata={"help": "peak learning rate (paper: 1e-4 at batch 512)"})
+    min_lr: float = field(default=1e-5, metadata={"help": "cosine decay floor (paper: 1e-6)"})
+    warmup_steps: int = field(default=500, metadata={"help": "linear warm-up steps (paper: 4000)"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay on Linear weights (authors)"})
+    grad_clip: float = field(default=0.25, metadata={"help": "gradient-norm clip (authors' max_grad_norm)"})
+    n_layer: int = field(default=4, metadata={"help": "transformer blocks (paper: 6)"})
+    n_head: int = field(default=4, metadata={"help": "attention heads (paper: 12)"})
+    n_embd: int = field(default=128, metadata={"help": "embedding width (paper: 768)"})
+    dropout: float = field(default=0.1, metadata={"help": "dropout (HF GPT-2 default, as the authors)"})
+    context_len: int = field(default=5, metadata={"help": "K timesteps per window (authors: 5)"})
+    act_dim: int = field(default=0, metadata={"help": "action tokens per step; 0 = the largest action dim of the tasks (4 for Meta-World alone, 6 with DMControl)"})
+    bf16: bool = field(default=False, metadata={"help": "bfloat16 autocast (faster on CPUs with AVX-512 bf16 and on GPUs)"})
+    holdout_episodes: int = field(default=2, metadata={"help": "episodes per task held out for the validation loss"})
+    eval_every: int = field(default=1000, metadata={"help": "report held-out action loss/accuracy per task every N steps"})
+    save_every: int = field(default=1000, metadata={"help": "write the checkpoint every N steps (and at the end)"})
+    resume: bool = field(default=False, metadata={"help": "continue from --out if it exists"})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Data: npz files -> flat arrays + an episode table; windows sampled with vectorized numpy
+
+
+def load_task(path):
+    """Load and validate one data file; raises ValueError naming the file and what is wrong."""
+    try:
+        with np.load(path) as f:
+            data = {k: f[k] for k in f.files}
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable npz file ({e})") from None
+    missing = {"observations", "actions", "rewards", "dones"} - set(data)
+    if missing:
+        raise ValueError(f"{path}: missing keys {sorted(missing)} (the data contract needs observations, actions, rewards, dones)")
+    obs, act, rew, done = data["observations"], data["actions"], data["rewards"], data["dones"]
+    n = len(obs)
+    if obs.ndim != 2 or act.ndim != 2 or rew.shape != (n,) or done.shape != (n,) or len(act) != n or n == 0:
+        raise ValueError(f"{path}: expected observations (N, obs_dim), actions (N, act_dim), rewards (N,), dones (N,); "
+                         f"got {obs.shape}, {act.shape}, {rew.shape}, {done.shape}")
+    if obs.shape[1] > MAX_STATE_DIM or act.shape[1] > 6:
+        raise ValueError(f"{path}: obs_dim {obs.shape[1]} > {MAX_STATE_DIM} or act_dim {act.shape[1]} > 6")
+    for key in ("observations", "actions", "rewards"):
+        if not np.isfinite(data[key]).all():
+            raise ValueError(f"{path}: {key} contains NaN or inf")
+    if not done[-1]:
+        raise ValueError(f"{path}: the last transition must end an episode (dones[-1] is False)")
+    return dict(observations=obs.astype(np.float32), actions=np.clip(act, -1, 1).astype(np.float32),
+                rewards=rew.astype(np.float32), dones=done.astype(bool))
+
+
+class WindowDataset:
+    """All tasks' transitions in flat arrays, and an episode table to sample K-step windows from.
+
+    Window sampling follows the authors' Trajectory.sample: episode with probability proportional to its length,
+    start uniform in [0, len), end = min(start + K, len), short windows left-padded; absolute timesteps."""
+
+    def __init__(self, tasks, episodes, K, act_dim, n_bins, seed):
+        self.tasks, self.K, self.act_dim, self.n_bins = tasks, K, act_dim, n_bins
+        width = max(t["obs_dim"] for t in tasks)
+        self.obs = np.concatenate([np.pad(e["observations"], ((0, 0), (0, width - e["observations"].shape[1]))) for e in episodes])
+        tokenizer = ActionTokenizer(n_bins)
+        bins = [tokenizer.encode(torch.from_numpy(e["actions"])).numpy() for e in episodes]
+        self.bins = np.concatenate([np.pad(b, ((0, 0), (0, act_dim - b.shape[1])), constant_values=n_bins) for b in bins]).astype(np.int64)
+        self.rewards = np.concatenate([e["rewards"] / tasks[e["task"]]["reward_scale"] for e in episodes]).astype(np.float32)
+        self.rtg = np.concatenate([np.cumsum(e["rewards"][::-1])[::-1] / tasks[e["task"]]["reward_scale"] for e in episodes]).astype(np.float32)
+        self.ep_len = np.array([len(e["rewards"]) for e in episodes])
+        self.ep_start = np.r_[0, np.cumsum(self.ep_len)[:-1]]
+        self.ep_task = np.array([e["task"] for e in episodes])
+        self.task_act_dim = np.array([t["act_dim"] for t in tasks])
+        self.timestep = np.concatenate([np.arange(n) for n in self.ep_len])
+        self.rng = np.random.default_rng(seed)
+
+    def windows(self, episode_ids, starts):
+        """Windows of K steps from (episode, start) pairs, left-padded -> dict of torch tensors (B, K, ...)."""
+        K = self.K
+        n_valid = np.minimum(K, self.ep_len[episode_ids] - starts)  # (B,)
+        offset = np.arange(K)[None, :] - (K - n_valid)[:, None]  # (B, K): < 0 on the left padding
+        step_mask = offset >= 0
+        index = self.ep_start[episode_ids][:, None] + starts[:, None] + np.maximum(offset, 0)  # (B, K) flat index
+        task = self.ep_task[episode_ids]  # (B,)
+        states = np.zeros((len(starts), K, MAX_STATE_DIM), np.float32)
+        states[:, :, : self.obs.shape[1]] = self.obs[index] * step_mask[..., None]
+        bins = np.where(step_mask[..., None], self.bins[index], self.n_bins)  # (B, K, A)
+        valid = step_mask[..., None] & (np.arange(self.act_dim) < self.task_act_dim[task][:, None, None])  # (B, K, A)
+        batch = dict(
+            states=states, returns=self.rtg[index] * step_mask, action_bins=bins, rewards=self.rewards[index] * step_mask,
+            timesteps=self.timestep[index] * step_mask, step_mask=step_mask, valid=valid, task_ids=task,
+        )
+        return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()}
+
+    def sample(self, batch_size, episode_pool):
+        """Episodes from each pool in `episode_pool` (a list of arrays, one per domain), equally many per pool."""
+        ids = []
+        for i, pool in enumerate(episode_pool):
+            n = batch_size // len(episode_pool) + (i < batch_size % len(episode_pool))
+            lengths = self.ep_len[pool]
+            ids.append(self.rng.choice(pool, n, p=lengths / lengths.sum()))
+        ids = np.concatenate(ids)
+        starts = np.floor(self.rng.random(len(ids)) * self.ep_len[ids]).astype(np.int64)
+        return self.windows(ids, starts)
+
+
+def load_data(names, data_dir, holdout_episodes, K, act_dim, n_bins, seed):
+    """-> (task table, WindowDataset, training episode pools per domain, held-out episode ids per task)."""
+    missing = [n for n in names if not os.path.isfile(os.path.join(data_dir, f"{n}.npz"))]
+    if missing:
+        raise FileNotFoundError(f"no data for {', '.join(missing)} in {data_dir}/: make it with "
+                                f"`python collect.py --tasks {','.join(missing)} --data-dir {data_dir}`")
+    tasks, episodes, heldout = [], [], []
+    for i, name in enumerate(names):
+        data = load_task(os.path.join(data_dir, f"{name}.npz"))
+        domain = "metaworld" if is_metaworld(name) else "dmcontrol"
+        ends = np.flatnonzero(data["dones"]) + 1
+        starts = np.r_[0, ends[:-1]]
+        returns = np.add.reduceat(data["rewards"], starts)
+        if len(ends) <= holdout_episodes:
+            raise ValueError(f"{data_dir}/{name}.npz has {len(ends)} episodes; need more than --holdout-episodes {holdout_episodes}")
+        tasks.append(dict(name=name, domain=domain, obs_dim=int(data["observations"].shape[1]),
+                          act_dim=int(data["actions"].shape[1]), reward_scale=REWARD_SCALE[domain],
+                          target_return=float(returns.max()), episodes=len(ends), transitions=len(data["rewards"])))
+        for j, (s, e) in enumerate(zip(starts, ends)):
+            if j >= len(ends) - holdout_episodes:
+                heldout.append(len(episodes))
+            episodes.append(dict(task=i, **{k: data[k][s:e] for k in ("observations", "actions", "rewards")}))
+    if max(t["act_dim"] for t in tasks) > act_dim:
+        raise ValueError(f"--act-dim {act_dim} is smaller than the tasks' largest action dim {max(t['act_dim'] for t in tasks)}")
+    dataset = WindowDataset(tasks, episodes, K, act_dim, n_bins, seed)
+    train = np.setdiff1d(np.arange(len(episodes)), heldout)
+    domains = sorted({t["domain"] for t in tasks})
+    pools = [train[[tasks[dataset.ep_task[e]]["domain"] == d for e in train]] for d in domains]
+    heldout_by_task = {i: np.array([e for e in heldout if dataset.ep_task[e] == i]) for i in range(len(tasks))}
+    return tasks, dataset, pools, heldout_by_task
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training helpers
+
+
+def lr_at(step, args):
+    """Linear warm-up to args.lr, then cosine decay to args.min_lr at the last step."""
+    if step < args.warmup_steps:
+        return args.lr * (step + 1) / args.warmup_steps
+    progress = (step - args.warmup_steps) / max(1, args.steps - args.warmup_steps)
+    return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def resolve_device(name):
+    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
+
+
+def save_atomic(obj, path):
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Load a checkpoint (weights_only: no code is unpickled); raises ValueError a user can act on."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint at {path}: make it with `python pretrain.py --out {path}`")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+
+
+# arguments that may differ between an interrupted run and its resumption
+RUN_CONTROL = {"resume", "device", "eval_every", "save_every"}
+
+
+@torch.no_grad()
+def heldout_metrics(model, dataset, heldout_by_task, device, autocast, n_windows=128):
+    """Held-out action loss and accuracy per task, on fixed windows (the same every time)."""
+    model.eval()
+    rng = np.random.default_rng(0)
+    out = {}
+    for task, episode_ids in heldout_by_task.items():
+        ids = rng.choice(episode_ids, n_windows)
+        starts = np.floor(rng.random(n_windows) * dataset.ep_len[ids]).astype(np.int64)
+        b = {k: v.to(device) for k, v in dataset.windows(ids, starts).items()}
+        with autocast:
+            logits, _ = model(b["states"], b["returns"], b["action_bins"], b["rewards"], b["timesteps"], b["step_mask"])
+        loss, accuracy = action_loss(logits, b["action_bins"], b["valid"])
+        out[dataset.tasks[task]["name"]] = (loss.item(), accuracy.item())
+    model.train()
+    return out
+
+
+def main(args):
+    # --- setup: distributed (torchrun) or a single process, same code path -----------------------------------
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))
+    device = resolve_device(args.device)
+    if world_size > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    is_main = rank == 0
+
+    def fail(message):
+        if is_main:
+            print(f"pretrain.py: error: {message}", file=sys.stderr)
+        sys.exit(1)
+
+    try:
+        names = resolve_tasks(args.tasks)
+        act_dim = args.act_dim or max(6 if n in DMC16 else 4 for n in names)
+        ckpt = None
+        if args.resume and os.path.exists(args.out):
+            ckpt = load_checkpoint(args.out)
+            differs = [f"--{k.replace('_', '-')} {ckpt['args'][k]!r} (checkpoint) vs {v!r} (now)" for k, v in asdict(args).items()
+                       if k not in RUN_CONTROL and ckpt["args"].get(k) != v]
+            if ckpt.get("world_size", 1) != world_size:
+                differs.append(f"{ckpt.get('world_size', 1)} processes (checkpoint) vs {world_size} (now)")
+            if differs:
+                raise ValueError(f"cannot resume {args.out}: it was made with other settings: {'; '.join(differs)}")
+        tasks, dataset, pools, heldout = load_data(names, args.data_dir, args.holdout_episodes, args.context_len, act_dim,
+                                                   64, args.seed + rank)
+    except (ValueError, FileNotFoundError) as e:
+        fail(e)
+
+    cfg = DTConfig(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout,
+                   context_len=args.context_len, act_dim=act_dim)
+    torch.manual_seed(args.seed)  # same initial weights on every rank
+    model = DecisionTransformer(cfg).to(device)
+    optimizer = model.configure_optimizer(args.lr, args.weight_decay)
+    step = 0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        step = ckpt["step"]
+        dataset.rng.bit_generator.state = ckpt["rng"]["numpy"][rank]
+        torch.set_rng_state(ckpt["rng"]["torch"][rank])
+    else:
+        torch.manual_seed(args.seed + rank)  # dropout streams differ per rank
+    train_model = torch.nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
+
+    n_params = sum(p.numel() for p in model.parameters())
+    tokens_per_step = args.batch_size * world_size * cfg.tokens_per_step * cfg.context_len
+    if is_main:
+        print(f"{n_params / 1e6:.2f}M parameters | {len(tasks)} tasks, {sum(t['transitions'] for t in tasks):,} transitions | "
+              f"{world_size} process(es) on {device} | {tokens_per_step} tokens per step" + (f" | resuming at step {step}" if step else ""))
+
+    def checkpoint():
+        rng = dict(numpy=[dataset.rng.bit_generator.state], torch=[torch.get_rng_state()])
+        if world_size > 1:  # every rank's sampling and dropout state, gathered on rank 0
+            gathered = [None] * world_size
+            dist.all_gather_object(gathered, rng)
+            rng = dict(numpy=[g["numpy"][0] for g in gathered], torch=[g["torch"][0] for g in gathered])
+        if is_main:
+            save_atomic(dict(model=model.state_dict(), model_args=asdict(cfg), args=asdict(args), tasks=tasks,
+                             optimizer=optimizer.state_dict(), rng=rng, step=step, world_size=world_size), args.out)
+
+    # --- the training loop ----------------------------------------------------------------------------------
+    bar = tqdm(total=args.steps, initial=step, disable=not is_main, dynamic_ncols=True)
+    start, timed_steps = time.perf_counter(), 0
+    while step < args.steps:
+        lr = lr_at(step, args)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        b = {k: v.to(device, non_blocking=True) for k, v in dataset.sample(args.batch_size, pools).items()}
+        with autocast:
+            logits, _ = train_model(b["states"], b["returns"], b["action_bins"], b["rewards"], b["timesteps"], b["step_mask"])
+        loss, accuracy = action_loss(logits, b["action_bins"], b["valid"])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        optimizer.step()
+        step += 1
+        timed_steps += 1
+        if is_main:
+            seconds = time.perf_counter() - start
+            bar.set_postfix_str(f"loss {loss.item():.3f} acc {accuracy.item():.3f} lr {lr:.1e} "
+                                f"{seconds / timed_steps * 1e3:.0f} ms/step {tokens_per_step * timed_steps / seconds:,.0f} tok/s")
+            bar.update()
+        if step % args.eval_every == 0 or step == args.steps:
+            if is_main:
+                metrics = heldout_metrics(model, dataset, heldout, device, autocast)
+                mean_loss, mean_acc = np.mean([m[0] for m in metrics.values()]), np.mean([m[1] for m in metrics.values()])
+                worst = sorted(metrics.items(), key=lambda kv: kv[1][1])[:3]
+                tqdm.write(f"step {step} | held-out loss {mean_loss:.3f} acc {mean_acc:.3f} | lowest acc: "
+                           + ", ".join(f"{n} {a:.2f}" for n, (_, a) in worst))
+        if step % args.save_every == 0 or step == args.steps:
+            checkpoint()
+    bar.close()
+
+    if is_main:
+        seconds = time.perf_counter() - start
+        metrics = heldout_metrics(model, dataset, heldout, device, autocast)
+        print("\nheld-out action loss / accuracy per task:")
+        for name, (loss_value, acc) in metrics.items():
+            print(f"  {name:<28} {loss_value:.3f} / {acc:.3f}")
+        print(f"mean {np.mean([m[0] for m in metrics.values()]):.3f} / {np.mean([m[1] for m in metrics.values()]):.3f}")
+        if timed_steps:
+            print(f"{timed_steps} steps in {seconds:.0f} s: {seconds / timed_steps * 1e3:.0f} ms/step, "
+                  f"{tokens_per_step * timed_steps / seconds:,.0f} tokens/s")
+        print(f"wrote {args.out}")
+    if world_size > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(parse_args(Args, description=__doc__.split("\n")[0]))
