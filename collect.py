@@ -25,7 +25,9 @@ os.environ.setdefault("MUJOCO_GL", "disable")  # no display on servers: physics 
 
 import argparse
 import concurrent.futures
+import contextlib
 import dataclasses
+import functools
 import multiprocessing
 import sys
 import time
@@ -107,6 +109,15 @@ def is_metaworld(name):
 # Environments: both domains behind the gymnasium interface (evaluate.py reuses these constructors)
 
 
+@functools.lru_cache(maxsize=None)
+def metaworld_benchmark(name):
+    """The MT1 benchmark of a task (slow to build: 50 resets); cached, since evaluation builds many envs per task.
+    Its 50 fixed goals are not used: each env draws a new placement per episode from its own seeded RNG."""
+    import metaworld
+
+    return metaworld.MT1(name, seed=0)
+
+
 class MetaWorldEnv(gym.Env):
     """One Meta-World v3 task: 200-step episodes, a new random object/goal placement at every reset.
 
@@ -115,9 +126,7 @@ class MetaWorldEnv(gym.Env):
     """
 
     def __init__(self, name, seed=0):
-        import metaworld
-
-        benchmark = metaworld.MT1(name, seed=seed)
+        benchmark = metaworld_benchmark(name)
         self.env = benchmark.train_classes[name]()
         self.env.set_task(benchmark.train_tasks[0])
         self.env._freeze_rand_vec = False  # a new placement every reset ...
@@ -284,19 +293,42 @@ def parse_args(args_cls, argv=None, description=None):
     return args_cls(**vars(parser.parse_args(argv)))
 
 
-def save_npz(path, arrays):
-    """np.savez, but atomic (temp file + rename) and byte-reproducible (fixed zip timestamps)."""
+@contextlib.contextmanager
+def atomic_write(path):
+    """Yield a temp path to write; it becomes `path` only if the block succeeds, so no half-written file is left."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
-        with zipfile.ZipFile(tmp, "w") as archive:
-            for key, value in arrays.items():
-                info = zipfile.ZipInfo(key + ".npy", date_time=(1980, 1, 1, 0, 0, 0))
-                with archive.open(info, "w", force_zip64=True) as f:
-                    np.lib.format.write_array(f, np.ascontiguousarray(value), allow_pickle=False)
+        yield tmp
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def save_npz(path, arrays):
+    """np.savez, but atomic and byte-reproducible (fixed zip timestamps)."""
+    with atomic_write(path) as tmp, zipfile.ZipFile(tmp, "w") as archive:
+        for key, value in arrays.items():
+            info = zipfile.ZipInfo(key + ".npy", date_time=(1980, 1, 1, 0, 0, 0))
+            with archive.open(info, "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.ascontiguousarray(value), allow_pickle=False)
+
+
+def save_atomic(obj, path):
+    """torch.save, atomic: a crash never leaves a half-written checkpoint."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with atomic_write(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Load a checkpoint (weights_only: no code is unpickled); raises an error a user can act on."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint at {path}: make it with `python pretrain.py --out {path}`")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
 
 
 def task_seed(seed, name):

@@ -323,6 +323,13 @@ class DecisionTransformer(nn.Module):
         return torch.optim.AdamW(groups, lr=lr, betas=betas)
 
 
+def resolve_device(name):
+    """'auto' -> cuda when present, else cpu (never a hard cuda default)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def action_loss(logits, target_bins, valid):
     """Cross-entropy over valid action tokens: logits (B, K, A, NB), target_bins (B, K, A), valid (B, K, A) bool.
     -> (mean loss, accuracy) over the valid tokens (padded timesteps and padded dims carry no loss)."""

@@ -20,11 +20,11 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from collect import DMC16, MT50, is_metaworld, parse_args, resolve_tasks
-from model import ActionTokenizer, DecisionTransformer, DTConfig, action_loss
+from collect import DMC16, is_metaworld, load_checkpoint, parse_args, resolve_tasks, save_atomic
+from model import ActionTokenizer, DecisionTransformer, DTConfig, action_loss, resolve_device
 
 REWARD_SCALE = {"metaworld": 200.0, "dmcontrol": 100.0}  # rewards and returns-to-go are divided by these (authors)
-MAX_STATE_DIM = 204  # the authors' unified state space
+MAX_STATE_DIM = DTConfig.state_dim  # the authors' unified state space
 
 
 @dataclass
@@ -178,31 +178,6 @@ def lr_at(step, args):
         return args.lr * (step + 1) / args.warmup_steps
     progress = (step - args.warmup_steps) / max(1, args.steps - args.warmup_steps)
     return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def resolve_device(name):
-    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
-
-
-def save_atomic(obj, path):
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def load_checkpoint(path, map_location="cpu"):
-    """Load a checkpoint (weights_only: no code is unpickled); raises ValueError a user can act on."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no checkpoint at {path}: make it with `python pretrain.py --out {path}`")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
 
 
 # arguments that may differ between an interrupted run and its resumption

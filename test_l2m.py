@@ -418,7 +418,7 @@ def test_resume_equals_an_uninterrupted_run(fake_data, monkeypatch):
 
 def test_checkpoint_round_trip_gives_identical_actions(fake_data):
     pretrain.main(pretrain_args(fake_data))
-    ckpt = pretrain.load_checkpoint(str(fake_data / "run" / "ckpt.pt"))
+    ckpt = collect.load_checkpoint(str(fake_data / "run" / "ckpt.pt"))
     assert ckpt["tasks"][0]["name"] == "reach-v3" and ckpt["tasks"][0]["target_return"] == sum(range(1, 31))
     net = M.DecisionTransformer(M.DTConfig(**ckpt["model_args"])).eval()
     net.load_state_dict(ckpt["model"])
