@@ -418,9 +418,11 @@ def collect_task(name, source, args, progress):
     ends = np.flatnonzero(arrays["dones"]) + 1
     episode_returns = np.add.reduceat(arrays["rewards"], np.r_[0, ends[:-1]])
     last = max(1, len(episode_returns) // 10)
+    # SAC's starting point: the mean over its uniform-random warm-up episodes (one episode alone is too noisy)
+    n_random = args.sac_warmup_steps // env.horizon if source == "sac" else 0
     summary = dict(
         task=name, source=source, episodes=len(ends), transitions=len(rewards),
-        first_return=float(episode_returns[0]), mean_return=float(episode_returns.mean()),
+        start_return=float(episode_returns[: max(1, n_random)].mean()), mean_return=float(episode_returns.mean()),
         last_return=float(episode_returns[-last:].mean()), max_return=float(episode_returns.max()),
         seconds=time.perf_counter() - start,
     )
@@ -432,7 +434,7 @@ def collect_task(name, source, args, progress):
 def format_summary(s):
     success = f"success {s['success']:.2f} | " if "success" in s else ""
     return (f"{s['task']:<28} {s['source']:<8} {s['episodes']:>5} episodes {s['transitions']:>8} steps | {success}"
-            f"return first {s['first_return']:8.1f} mean {s['mean_return']:8.1f} last-10% {s['last_return']:8.1f} "
+            f"return {'random' if s['source'] == 'sac' else 'first'} {s['start_return']:8.1f} mean {s['mean_return']:8.1f} last-10% {s['last_return']:8.1f} "
             f"max {s['max_return']:8.1f} | {s['seconds']:6.0f} s")
 
 

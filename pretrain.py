@@ -1,7 +1,8 @@
 """Stage 2 of 4: multi-task offline pre-training of the Decision Transformer.
 
 Reads data/<task>.npz (from collect.py) for the chosen tasks. Writes runs/pretrain/ckpt.pt: weights, model
-config, arguments, the task table (dims, reward scale, target return), optimizer and RNG state, step.
+config, arguments, the task table (dims, reward scale, target return), optimizer and RNG state, step; and
+runs/pretrain/metrics.jsonl: held-out action loss and accuracy per task every --eval-every steps.
 
 Examples:
   python pretrain.py                                  # MT40, CPU-sized defaults (~30 min on 2 cores)
@@ -9,6 +10,7 @@ Examples:
   python pretrain.py --resume                         # continue an interrupted run
   torchrun --nproc_per_node 2 pretrain.py ...         # data-parallel (NCCL on GPUs, gloo on CPU)
 """
+import json
 import math
 import os
 import sys
@@ -223,6 +225,8 @@ def main(args):
         names = resolve_tasks(args.tasks)
         act_dim = args.act_dim or max(6 if n in DMC16 else 4 for n in names)
         ckpt = None
+        if args.resume and not os.path.exists(args.out) and is_main:
+            print(f"no checkpoint at {args.out} yet: starting a new run")
         if args.resume and os.path.exists(args.out):
             ckpt = load_checkpoint(args.out)
             differs = [f"--{k.replace('_', '-')} {ckpt['args'][k]!r} (checkpoint) vs {v!r} (now)" for k, v in asdict(args).items()
@@ -256,6 +260,7 @@ def main(args):
     n_params = sum(p.numel() for p in model.parameters())
     tokens_per_step = args.batch_size * world_size * cfg.tokens_per_step * cfg.context_len
     if is_main:
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         print(f"{n_params / 1e6:.2f}M parameters | {len(tasks)} tasks, {sum(t['transitions'] for t in tasks):,} transitions | "
               f"{world_size} process(es) on {device} | {tokens_per_step} tokens per step" + (f" | resuming at step {step}" if step else ""))
 
@@ -295,6 +300,8 @@ def main(args):
             if is_main:
                 metrics = heldout_metrics(model, dataset, heldout, device, autocast)
                 mean_loss, mean_acc = np.mean([m[0] for m in metrics.values()]), np.mean([m[1] for m in metrics.values()])
+                with open(os.path.join(os.path.dirname(args.out) or ".", "metrics.jsonl"), "a") as f:
+                    f.write(json.dumps(dict(step=step, heldout=metrics)) + "\n")  # per task: [loss, accuracy]
                 worst = sorted(metrics.items(), key=lambda kv: kv[1][1])[:3]
                 tqdm.write(f"step {step} | held-out loss {mean_loss:.3f} acc {mean_acc:.3f} | lowest acc: "
                            + ", ".join(f"{n} {a:.2f}" for n, (_, a) in worst))
