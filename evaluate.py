@@ -1,15 +1,24 @@
 """Stage 4 of 4: closed-loop evaluation in the real environments, and the Continual-World metrics.
 
-Reads a checkpoint (pretrain.py's, or finetune.py's). Writes <out>/results.json and <out>/results.md.
-The episodes of a task run in lockstep, one env each, batched through the model; the evaluation seeds are fixed,
-so every checkpoint meets the same object and goal placements.
+Reads a checkpoint: pretrain.py's, or finetune.py's (rebuilt from its pre-trained checkpoint plus what it trained).
+Writes <out>/results.json and <out>/results.md (default out: <checkpoint's directory>/eval). finetune.py calls
+write_sequence_report at the end of a run: metrics, tables, the success-matrix heatmap and each task's success
+across the sequence (PNG). The episodes of a task run in lockstep, one env each, batched through
+the model; the evaluation seeds are fixed, so every checkpoint meets the same object and goal placements.
+No task id reaches the model unless the method is an oracle.
 
 Examples:
   python evaluate.py --ckpt runs/pretrain/ckpt.pt --tasks reach-v3,push-v3 --episodes 10
-  python evaluate.py --ckpt runs/pretrain/ckpt.pt                 # every task the checkpoint knows
+  python evaluate.py --ckpt runs/l2m-cw10/ckpt.pt                 # the sequence's tasks, after the last task
+  python evaluate.py --ckpt runs/l2m-cw10/ckpt.pt --tasks reach,door-open   # retention of pre-training tasks
 """
 import json
 import os
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt
 import sys
 import time
 from dataclasses import dataclass, field
@@ -19,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from collect import load_checkpoint, make_env, parse_args, resolve_tasks
-from model import ActionTokenizer, DecisionTransformer, DTConfig, resolve_device
+from model import ActionTokenizer, DecisionTransformer, DTConfig, ModulationPool, resolve_device
 
 EVAL_SEED = 10_000  # episode i of every task starts from reset(seed=EVAL_SEED + i): disjoint from collection seeds
 
@@ -29,15 +38,38 @@ class Args:
     ckpt: str = field(default="runs/pretrain/ckpt.pt", metadata={"help": "checkpoint to evaluate"})
     tasks: str = field(default="", metadata={"help": "tasks to evaluate (names or list names); empty = every task the checkpoint knows"})
     episodes: int = field(default=10, metadata={"help": "episodes per task"})
-    out: str = field(default="", metadata={"help": "output directory; empty = the checkpoint's directory"})
+    out: str = field(default="", metadata={"help": "output directory; empty = <checkpoint's directory>/eval"})
     device: str = field(default="auto", metadata={"help": "auto (cuda if available), cpu or cuda"})
 
 
-def load_model(ckpt, device):
-    """Rebuild the Decision Transformer of a checkpoint (its own config; no architecture flags needed)."""
+def build_model(ckpt, device):
+    """The model of a checkpoint, in eval mode: a pre-training checkpoint as saved; a fine-tuning checkpoint as its
+    pre-trained backbone (loaded from the path it points to) plus the pool or weights it trained."""
+    if ckpt.get("kind") == "finetune":
+        path = ckpt["pretrained"]["path"]
+        base = load_checkpoint(path)
+        if base["step"] != ckpt["pretrained"]["step"] or base["model_args"] != ckpt["model_args"]:
+            raise ValueError(f"{path} is no longer the checkpoint this run was fine-tuned from "
+                             f"(step {base['step']} vs {ckpt['pretrained']['step']}): regenerate it with the same pretrain.py command")
+        model = build_model(base, device)
+        if ckpt["pool_args"] is not None:
+            model.pool = ModulationPool(model.cfg.n_layer, model.cfg.n_embd, **ckpt["pool_args"]).to(device)
+        model.load_state_dict({**model.state_dict(), **ckpt["model"]})
+        return model.eval()
     model = DecisionTransformer(DTConfig(**ckpt["model_args"]))
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval()
+
+
+def known_tasks(ckpt):
+    """Task name -> task entry for every task a checkpoint can be evaluated on (a fine-tuning run: the sequence
+    and its pre-training tasks), and name -> oracle task id (the index in the sequence) where the method needs one."""
+    if ckpt.get("kind") != "finetune":
+        return {t["name"]: t for t in ckpt["tasks"]}, {}
+    pretrained = load_checkpoint(ckpt["pretrained"]["path"])
+    tasks = {**{t["name"]: t for t in pretrained["tasks"]}, **{t["name"]: t for t in ckpt["tasks"]}}
+    oracle = {t["name"]: i for i, t in enumerate(ckpt["tasks"])} if ckpt["method"] == "l2m-oracle" else {}
+    return tasks, oracle
 
 
 @torch.no_grad()
@@ -115,27 +147,114 @@ def format_results(results):
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Continual-World metrics (Wolczyk et al. 2021) and the report of a fine-tuning run
+
+
+def continual_metrics(success, reference=None):
+    """success[i][j]: success on task j after learning task i (a square matrix, tasks in sequence order).
+    average = mean of the last row; forgetting = mean_j (S[j, j] - S[last, j]); forward transfer (with a
+    single-task reference success per task) = mean_j (S[j, j] - ref_j) / (1 - ref_j), the end-of-task point of
+    Continual World's AUC-based definition (we evaluate once per task)."""
+    S = np.asarray(success, dtype=float)
+    if S.ndim != 2 or S.shape[0] != S.shape[1]:
+        raise ValueError(f"the success matrix must be square (one row per learned task), got shape {S.shape}")
+    metrics = dict(average=float(S[-1].mean()), forgetting=float(np.mean(np.diag(S) - S[-1])))
+    if reference is not None:
+        ref = np.asarray(reference, dtype=float)
+        gain = np.where(ref < 1.0, (np.diag(S) - ref) / np.maximum(1.0 - ref, 1e-8), 0.0)
+        metrics["forward_transfer"] = float(gain.mean())
+    return metrics
+
+
+def routing_table(results):
+    """Markdown: for each task, the share of its evaluation steps that selected each pool entry (entries used only)."""
+    counts = np.array([r["routing"] for r in results], dtype=float)  # (tasks, P)
+    used = np.flatnonzero(counts.sum(0))
+    share = counts[:, used] / counts.sum(1, keepdims=True)
+    lines = ["| task | " + " | ".join(f"e{i}" for i in used) + " |", "|---|" + "---|" * len(used)]
+    for r, row in zip(results, share):
+        lines.append(f"| {r['task']} | " + " | ".join(f"{s:.2f}" if s > 0 else "" for s in row) + " |")
+    return "\n".join(lines)
+
+
+def write_sequence_report(run_dir, ckpt):
+    """results.json, results.md, success_matrix.png and success_curves.png of a (finished) fine-tuning run."""
+    names = [t["name"] for t in ckpt["tasks"]]
+    S = np.asarray(ckpt["success"])
+    metrics = continual_metrics(S)
+    final = ckpt["stages"][-1]["results"]
+    metrics["final_step_success"] = float(np.mean([r["success_final"] for r in final]))
+    with open(os.path.join(run_dir, "results.json"), "w") as f:
+        json.dump(dict(method=ckpt["method"], tasks=names, success=S.tolist(), metrics=metrics, args=ckpt["args"],
+                       trainable_params=ckpt["trainable_params"], stages=ckpt["stages"]), f, indent=1)
+    header = "| after \\ on | " + " | ".join(n.removesuffix("-v3") for n in names) + " |"
+    matrix = [header, "|---|" + "---|" * len(names)]
+    for name, row in zip(names, S):
+        matrix.append(f"| {name.removesuffix('-v3')} | " + " | ".join(f"{s:.1f}" for s in row) + " |")
+    text = [f"# {ckpt['method']} on {len(names)} tasks", "",
+            f"average success {metrics['average']:.2f} | forgetting {metrics['forgetting']:.2f} | "
+            f"final-step success {metrics['final_step_success']:.2f} | trainable parameters {ckpt['trainable_params']:,}",
+            "", "## Success matrix (row: after learning that task; column: evaluated task)", "", *matrix,
+            "", "## After the last task", "", format_results(final)]
+    if ckpt["pool_args"] is not None:
+        text += ["", "## Routing after the last task (share of evaluation steps per pool entry)", "", routing_table(final)]
+    report = "\n".join(text) + "\n"
+    with open(os.path.join(run_dir, "results.md"), "w") as f:
+        f.write(report)
+
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.5 + 0.5 * len(names)), max(4.0, 1.2 + 0.45 * len(names))))
+    ax.imshow(S, vmin=0, vmax=1, cmap="viridis")
+    short = [n.removesuffix("-v3") for n in names]
+    ax.set_xticks(range(len(names)), short, rotation=60, ha="right", fontsize=7)
+    ax.set_yticks(range(len(names)), short, fontsize=7)
+    ax.set_xlabel("evaluated task"), ax.set_ylabel("after learning")
+    ax.set_title(f"{ckpt['method']}: success (avg {metrics['average']:.2f}, forgetting {metrics['forgetting']:.2f})", fontsize=8)
+    for i in range(len(names)):
+        for j in range(len(names)):
+            ax.text(j, i, f"{S[i, j]:.1f}", ha="center", va="center", fontsize=6, color="w" if S[i, j] < 0.6 else "k")
+    fig.tight_layout()
+    fig.savefig(os.path.join(run_dir, "success_matrix.png"), dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 3))
+    for j, name in enumerate(short):
+        ax.plot(range(j, len(names)), S[j:, j], marker="o", ms=3, label=name)
+    ax.set_xticks(range(len(names)), short, rotation=60, ha="right", fontsize=7)
+    ax.set_xlabel("after learning"), ax.set_ylabel("success"), ax.set_ylim(-0.05, 1.05)
+    ax.legend(fontsize=6, ncol=2, loc="center left", bbox_to_anchor=(1, 0.5))
+    fig.tight_layout()
+    fig.savefig(os.path.join(run_dir, "success_curves.png"), dpi=120)
+    plt.close(fig)
+    return report
+
+
 def main(args):
     device = resolve_device(args.device)
     try:
         if args.episodes < 1:
             raise ValueError(f"--episodes must be at least 1 (got {args.episodes})")
         ckpt = load_checkpoint(args.ckpt)
-        known = {t["name"]: t for t in ckpt["tasks"]}
-        names = resolve_tasks(args.tasks) if args.tasks else list(known)
+        known, oracle_ids = known_tasks(ckpt)
+        names = resolve_tasks(args.tasks) if args.tasks else [t["name"] for t in ckpt["tasks"]]
         unknown = [n for n in names if n not in known]
         if unknown:
-            raise ValueError(f"{args.ckpt} was not trained on {', '.join(unknown)} (it knows {', '.join(known)})")
+            raise ValueError(f"{args.ckpt} knows nothing of {', '.join(unknown)} (it knows {', '.join(known)})")
+        if oracle_ids and any(n not in oracle_ids for n in names):
+            raise ValueError("an l2m-oracle run needs a task id: evaluate only the tasks of its sequence")
+        model = build_model(ckpt, device)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"evaluate.py: error: {e}")
-    model = load_model(ckpt, device)
     start = time.perf_counter()
-    results = evaluate_tasks(model, [known[n] for n in names], args.episodes, device)
+    task_ids = [oracle_ids[n] for n in names] if oracle_ids else None
+    results = evaluate_tasks(model, [known[n] for n in names], args.episodes, device, task_ids)
     seconds = time.perf_counter() - start
 
-    out = args.out or os.path.dirname(args.ckpt) or "."
+    out = args.out or os.path.join(os.path.dirname(args.ckpt) or ".", "eval")
     os.makedirs(out, exist_ok=True)
     table = format_results(results)
+    if model.pool is not None:
+        table += "\n\nRouting (share of evaluation steps per pool entry):\n\n" + routing_table(results)
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(dict(ckpt=args.ckpt, episodes=args.episodes, results=results), f, indent=1)
     with open(os.path.join(out, "results.md"), "w") as f:

@@ -1,0 +1,214 @@
+"""Stage 3 of 4: continual fine-tuning of the pre-trained model on a sequence of tasks, one method at a time.
+
+Reads the pre-trained checkpoint (pretrain.py) and data/<task>.npz of the sequence. Learns the tasks in order,
+each from its own data only; after each task evaluates every task of the sequence (a row of the success matrix).
+Writes <run-dir>/ckpt.pt after each task (for frozen-backbone methods only the pool, plus a pointer to the
+pre-trained checkpoint) and, at the end, the run's results through evaluate.py (results.json/.md, figures).
+
+Methods (--method):
+  ft          full fine-tuning: every weight trained
+  l2, ewc     full fine-tuning + lambda * sum_i F_i (theta_i - theta*_i)^2 toward the weights after the previous
+              task (F = 1 for L2; for EWC a diagonal Fisher from the previous task's data, summed over tasks)
+  lora        one shared set of low-rank modulators (a pool of one entry, no matching), backbone frozen
+  l2m         L2M: a pool of key-matched modulators, backbone and action head frozen
+  l2m-oracle  L2M with the pool split into one group per task, masked by the task id
+
+Examples:
+  python finetune.py                                  # L2M on CW10 with CPU defaults
+  python finetune.py --method ft --tasks cw10
+  python finetune.py --method l2m --resume            # continue after the last finished task
+"""
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from collect import load_checkpoint, parse_args, resolve_tasks, save_atomic
+from evaluate import build_model, evaluate_tasks, write_sequence_report
+from model import ModulationPool, action_loss, resolve_device
+from pretrain import load_data
+
+METHODS = ("ft", "l2", "ewc", "lora", "l2m", "l2m-oracle")
+FROZEN_BACKBONE = ("lora", "l2m", "l2m-oracle")
+
+
+@dataclass
+class Args:
+    ckpt: str = field(default="runs/pretrain/ckpt.pt", metadata={"help": "pre-trained checkpoint (pretrain.py)"})
+    method: str = field(default="l2m", metadata={"help": "one of " + ", ".join(METHODS)})
+    tasks: str = field(default="cw10", metadata={"help": "the task sequence, in order (names or list names: cw10, dmc6, ...)"})
+    data_dir: str = field(default="data", metadata={"help": "directory of <task>.npz files written by collect.py"})
+    run_dir: str = field(default="", metadata={"help": "output directory; empty = runs/<method>-<tasks>"})
+    seed: int = field(default=0, metadata={"help": "seed for the pool's initialization, sampling and dropout"})
+    device: str = field(default="auto", metadata={"help": "auto (cuda if available), cpu or cuda"})
+    steps_per_task: int = field(default=1500, metadata={"help": "gradient steps per task (authors: 100k)"})
+    batch_size: int = field(default=64, metadata={"help": "windows per step (authors: 256)"})
+    lr: float = field(default=1e-3, metadata={"help": "constant learning rate, AdamW (authors: 1e-4)"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay on Linear weights (none on the pool)"})
+    grad_clip: float = field(default=0.25, metadata={"help": "gradient-norm clip (authors)"})
+    eval_episodes: int = field(default=10, metadata={"help": "episodes per task at each evaluation (authors: 5)"})
+    pool_size: int = field(default=30, metadata={"help": "l2m: pool entries (l2m_lora.yaml)"})
+    rank: int = field(default=8, metadata={"help": "rank of the low-rank modulators (l2m_lora.yaml)"})
+    alpha: float = field(default=16.0, metadata={"help": "modulator scaling numerator: scale = alpha / rank (authors: 2 * rank)"})
+    pull_coef: float = field(default=0.5, metadata={"help": "l2m: weight of the key-pull term (pull_constraint_coef)"})
+    reg_lambda: float = field(default=400.0, metadata={"help": "l2/ewc: penalty weight (authors' default)"})
+    fisher_batches: int = field(default=10, metadata={"help": "ewc: batches for the diagonal Fisher estimate (authors)"})
+    bf16: bool = field(default=False, metadata={"help": "bfloat16 autocast"})
+    resume: bool = field(default=False, metadata={"help": "continue after the last finished task of --run-dir"})
+
+
+RUN_CONTROL = {"resume", "device", "run_dir"}  # may differ between an interrupted run and its resumption
+
+
+def fisher_diagonal(model, dataset, pools, args, device, autocast):
+    """EWC: E[(d log p / d theta)^2] over a few batches of the task just learned (the authors' 10 batches)."""
+    fisher = {n: torch.zeros_like(p) for n, p in model.named_parameters() if p.requires_grad}
+    for _ in range(args.fisher_batches):
+        b = {k: v.to(device) for k, v in dataset.sample(args.batch_size, pools).items()}
+        with autocast:
+            logits, _ = model(b["states"], b["returns"], b["action_bins"], b["rewards"], b["timesteps"], b["step_mask"])
+        loss, _ = action_loss(logits, b["action_bins"], b["valid"])
+        model.zero_grad(set_to_none=True)
+        loss.backward()
+        for n, p in model.named_parameters():
+            if p.grad is not None:
+                fisher[n] += p.grad.detach() ** 2 / args.fisher_batches
+    model.zero_grad(set_to_none=True)
+    return fisher
+
+
+def quadratic_penalty(model, anchor, importance):
+    """sum_i F_i (theta_i - theta*_i)^2 over the trained parameters (F = 1 for L2)."""
+    total = 0.0
+    for n, p in model.named_parameters():
+        if n in anchor:
+            weight = importance[n] if importance is not None else 1.0
+            total = total + (weight * (p - anchor[n]) ** 2).sum()
+    return total
+
+
+def main(args):
+    device = resolve_device(args.device)
+    run_dir = args.run_dir or os.path.join("runs", f"{args.method}-{args.tasks.replace(',', '+')}")
+    out = os.path.join(run_dir, "ckpt.pt")
+    try:
+        if args.method not in METHODS:
+            raise ValueError(f"unknown --method {args.method!r}: use one of {', '.join(METHODS)}")
+        names = resolve_tasks(args.tasks)
+        pretrained = load_checkpoint(args.ckpt)
+        if "model_args" not in pretrained or "tasks" not in pretrained or "pretrained" in pretrained:
+            raise ValueError(f"{args.ckpt} is not a pre-training checkpoint of pretrain.py")
+        cfg_act_dim = pretrained["model_args"]["act_dim"]
+        resumed = None
+        if args.resume and os.path.exists(out):
+            resumed = load_checkpoint(out)
+            differs = [f"--{k.replace('_', '-')} {resumed['args'][k]!r} (checkpoint) vs {v!r} (now)"
+                       for k, v in asdict(args).items() if k not in RUN_CONTROL and resumed["args"].get(k) != v]
+            if differs:
+                raise ValueError(f"cannot resume {out}: it was made with other settings: {'; '.join(differs)}")
+        data = []
+        for name in names:  # every task's data up front: a missing or mismatched file fails before any training
+            tasks, dataset, pools, _ = load_data([name], args.data_dir, 0, pretrained["model_args"]["context_len"],
+                                                 cfg_act_dim, pretrained["model_args"]["n_bins"], args.seed + len(data))
+            data.append((tasks[0], dataset, pools))
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"finetune.py: error: {e}")
+    sequence = [task for task, _, _ in data]
+    n_tasks = len(sequence)
+
+    # --- the model: pre-trained backbone, plus a pool for the modulation methods ------------------------------
+    torch.manual_seed(args.seed)
+    model = build_model(pretrained, device)
+    if args.method in FROZEN_BACKBONE:
+        for p in model.parameters():  # every pre-trained weight, the action head included
+            p.requires_grad_(False)
+        pool_args = dict(pool_size=1 if args.method == "lora" else args.pool_size, rank=args.rank, alpha=args.alpha,
+                         n_groups=n_tasks if args.method == "l2m-oracle" else 0)
+        model.pool = ModulationPool(model.cfg.n_layer, model.cfg.n_embd, **pool_args).to(device)
+    else:
+        pool_args = None
+    model.train()  # dropout stays on in the frozen backbone, as in the authors' fine-tuning
+    optimizer = model.configure_optimizer(args.lr, args.weight_decay)  # one optimizer for the whole sequence
+    anchor = importance = None  # l2/ewc: weights after the previous task, and their (summed) Fisher
+    success, stages, first_task = [], [], 0
+    if resumed is not None:
+        model.load_state_dict({**model.state_dict(), **resumed["model"]})
+        optimizer.load_state_dict(resumed["optimizer"])
+        anchor, importance = resumed.get("anchor"), resumed.get("importance")
+        success, stages, first_task = resumed["success"], resumed["stages"], len(resumed["success"])
+        torch.set_rng_state(resumed["rng"])
+        print(f"resuming {out} after task {first_task}/{n_tasks}")
+
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    print(f"{args.method} on {n_tasks} tasks: {trainable:,} trainable of {total:,} parameters ({trainable / total:.1%}) | {device}")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
+    oracle = args.method == "l2m-oracle"
+    start_all = time.perf_counter()
+
+    for task_index in range(first_task, n_tasks):
+        task, dataset, pools = data[task_index]
+        if model.pool is not None:
+            model.pool.start_task(task_index)  # L2M: refresh the count penalty
+        task_ids = torch.full((args.batch_size,), task_index, device=device) if oracle else None
+        start, losses = time.perf_counter(), []
+        bar = tqdm(range(args.steps_per_task), desc=f"task {task_index + 1}/{n_tasks} {task['name']}", dynamic_ncols=True)
+        for step in bar:
+            b = {k: v.to(device, non_blocking=True) for k, v in dataset.sample(args.batch_size, pools).items()}
+            with autocast:
+                logits, routing = model(b["states"], b["returns"], b["action_bins"], b["rewards"], b["timesteps"],
+                                        b["step_mask"], task_ids)
+            loss, accuracy = action_loss(logits, b["action_bins"], b["valid"])
+            objective = loss
+            if args.method in ("l2m", "l2m-oracle"):
+                objective = objective - args.pull_coef * routing["pull"]  # L2M: pull chosen keys toward queries
+            if anchor is not None:
+                objective = objective + args.reg_lambda * quadratic_penalty(model, anchor, importance)
+            optimizer.zero_grad(set_to_none=True)
+            objective.backward()
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.grad_clip)
+            optimizer.step()
+            losses.append(loss.item())
+            if step % 10 == 0:
+                used = f" entries {sorted(set(routing['index'].tolist()))}" if routing is not None and model.pool.size > 1 else ""
+                bar.set_postfix_str(f"loss {loss.item():.3f} acc {accuracy.item():.3f}{used}")
+        train_seconds = time.perf_counter() - start
+
+        if args.method in ("l2", "ewc"):  # the next tasks are pulled toward the weights after this one
+            if args.method == "ewc":
+                fisher = fisher_diagonal(model, dataset, pools, args, device, autocast)
+                importance = fisher if importance is None else {n: importance[n] + fisher[n] for n in fisher}
+            anchor = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+        model.eval()
+        start = time.perf_counter()
+        results = evaluate_tasks(model, sequence, args.eval_episodes, device,
+                                 task_ids=list(range(n_tasks)) if oracle else None, desc=f"eval after {task['name']}")
+        model.train()
+        success.append([r["success"] for r in results])
+        stages.append(dict(task=task["name"], train_loss=float(np.mean(losses[-100:])), train_seconds=train_seconds,
+                           eval_seconds=time.perf_counter() - start, results=results))
+        row = " ".join(f"{s:.1f}" for s in success[-1])
+        print(f"after {task['name']}: loss {stages[-1]['train_loss']:.3f} | success [{row}] | "
+              f"{train_seconds:.0f} s training ({args.steps_per_task / train_seconds:.1f} steps/s), "
+              f"{stages[-1]['eval_seconds']:.0f} s evaluating")
+
+        state = {n: v for n, v in model.state_dict().items() if n.startswith("pool.")} if pool_args else model.state_dict()
+        save_atomic(dict(
+            kind="finetune", method=args.method, args=asdict(args), model_args=pretrained["model_args"],
+            pretrained=dict(path=os.path.abspath(args.ckpt), step=pretrained["step"]), pool_args=pool_args,
+            model=state, tasks=sequence, success=success, stages=stages, optimizer=optimizer.state_dict(),
+            anchor=anchor, importance=importance, rng=torch.get_rng_state(), trainable_params=trainable,
+        ), out)
+
+    report = write_sequence_report(run_dir, load_checkpoint(out))
+    print(report)
+    print(f"{time.perf_counter() - start_all:.0f} s in all | wrote {out} and {run_dir}/results.json, results.md, *.png")
+
+
+if __name__ == "__main__":
+    main(parse_args(Args, description=__doc__.split("\n")[0]))
