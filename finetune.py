@@ -99,6 +99,8 @@ def main(args):
         if args.method not in METHODS:
             raise ValueError(f"unknown --method {args.method!r}: use one of {', '.join(METHODS)}")
         names = resolve_tasks(args.tasks)
+        if args.method == "l2m-oracle" and args.pool_size < len(names):
+            raise ValueError(f"l2m-oracle splits the pool into one group per task: --pool-size {args.pool_size} < {len(names)} tasks")
         pretrained = load_checkpoint(args.ckpt)
         if "model_args" not in pretrained or "tasks" not in pretrained or "pretrained" in pretrained:
             raise ValueError(f"{args.ckpt} is not a pre-training checkpoint of pretrain.py")

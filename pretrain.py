@@ -160,8 +160,10 @@ def load_data(names, data_dir, holdout_episodes, K, act_dim, n_bins, seed):
             if j >= len(ends) - holdout_episodes:
                 heldout.append(len(episodes))
             episodes.append(dict(task=i, **{k: data[k][s:e] for k in ("observations", "actions", "rewards")}))
-    if max(t["act_dim"] for t in tasks) > act_dim:
-        raise ValueError(f"--act-dim {act_dim} is smaller than the tasks' largest action dim {max(t['act_dim'] for t in tasks)}")
+    for t in tasks:
+        if t["act_dim"] > act_dim:
+            raise ValueError(f"{data_dir}/{t['name']}.npz has {t['act_dim']} action dims but the model takes at most {act_dim} "
+                             f"(pretrain.py --act-dim sets it; 6 covers every task)")
     dataset = WindowDataset(tasks, episodes, K, act_dim, n_bins, seed)
     train = np.setdiff1d(np.arange(len(episodes)), heldout)
     domains = sorted({t["domain"] for t in tasks})

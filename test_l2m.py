@@ -2,6 +2,7 @@
 
 Unit tests of each stage's behaviour that matters, plus end-to-end runs of the scripts as a user runs them.
 """
+import json
 import os
 import subprocess
 import sys
@@ -472,3 +473,144 @@ def test_two_process_gloo_ddp_run(fake_data):
     ckpt = torch.load(out, weights_only=True)
     assert ckpt["step"] == 4 and ckpt["world_size"] == 2 and len(ckpt["rng"]["numpy"]) == 2
     assert ckpt["rng"]["numpy"][0] != ckpt["rng"]["numpy"][1], "each rank samples its own windows"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# finetune.py and evaluate.py
+
+import evaluate  # noqa: E402
+import finetune  # noqa: E402
+
+
+def test_continual_metrics_on_a_hand_made_matrix():
+    S = [[0.8, 0.0, 0.1],
+         [0.2, 0.6, 0.0],
+         [0.4, 0.3, 1.0]]
+    m = evaluate.continual_metrics(S, reference=[0.5, 0.6, 0.0])
+    assert m["average"] == pytest.approx((0.4 + 0.3 + 1.0) / 3)
+    assert m["forgetting"] == pytest.approx(((0.8 - 0.4) + (0.6 - 0.3) + 0.0) / 3)
+    assert m["forward_transfer"] == pytest.approx(((0.8 - 0.5) / 0.5 + 0.0 + 1.0) / 3)
+    with pytest.raises(ValueError, match="square"):
+        evaluate.continual_metrics([[0.1, 0.2]])
+
+
+def test_l2_and_ewc_penalties_are_zero_at_the_anchor_and_positive_away():
+    net = tiny_model()
+    anchor = {n: p.detach().clone() for n, p in net.named_parameters()}
+    fisher = {n: torch.rand_like(p) for n, p in net.named_parameters()}
+    for importance in (None, fisher):
+        assert float(finetune.quadratic_penalty(net, anchor, importance)) == 0.0
+    with torch.no_grad():
+        net.action_head.weight.add_(0.1)
+    assert float(finetune.quadratic_penalty(net, anchor, None)) == pytest.approx(0.01 * net.action_head.weight.numel(), rel=1e-4)
+    assert float(finetune.quadratic_penalty(net, anchor, fisher)) > 0
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """Real data for two Meta-World tasks and a tiny pre-trained checkpoint, shared by the fine-tuning tests."""
+    root = tmp_path_factory.mktemp("pipeline")
+    run_script("collect.py", "--tasks", "reach-v3,window-close-v3", "--episodes", "4", "--data-dir", str(root / "data"))
+    run_script("pretrain.py", "--tasks", "reach-v3,window-close-v3", "--data-dir", str(root / "data"), "--out",
+               str(root / "pretrain" / "ckpt.pt"), "--steps", "40", "--batch-size", "16", "--n-layer", "2", "--n-head", "2",
+               "--n-embd", "32", "--warmup-steps", "5", "--eval-every", "20", "--save-every", "20", "--holdout-episodes", "1")
+    return root
+
+
+def finetune_args(root, method, run, **kw):
+    base = dict(ckpt=str(root / "pretrain" / "ckpt.pt"), method=method, tasks="reach-v3,window-close-v3",
+                data_dir=str(root / "data"), run_dir=str(root / run), steps_per_task=30, batch_size=16, lr=1e-2,
+                eval_episodes=1, pool_size=6)
+    return finetune.Args(**{**base, **kw})
+
+
+def test_l2m_freezes_the_backbone_and_routes_each_task_to_its_own_entry(pipeline):
+    finetune.main(finetune_args(pipeline, "l2m", "l2m"))
+    ckpt = collect.load_checkpoint(str(pipeline / "l2m" / "ckpt.pt"))
+    assert all(k.startswith("pool.") for k in ckpt["model"]), "a frozen-backbone run stores only the pool"
+    model = evaluate.build_model(ckpt, torch.device("cpu"))
+    pretrained = collect.load_checkpoint(str(pipeline / "pretrain" / "ckpt.pt"))["model"]
+    for name, value in pretrained.items():
+        assert torch.equal(model.state_dict()[name], value), f"{name} changed"
+    # evaluation-time routing: every step of each task's rollouts went to one entry, a different one per task
+    routing = [np.array(r["routing"]) for r in ckpt["stages"][-1]["results"]]
+    entries = [int(r.argmax()) for r in routing]
+    assert entries[0] != entries[1] and all(r.max() == r.sum() for r in routing), routing
+    assert (pipeline / "l2m" / "success_matrix.png").is_file() and (pipeline / "l2m" / "results.md").is_file()
+    results = json.loads((pipeline / "l2m" / "results.json").read_text())
+    assert np.asarray(results["success"]).shape == (2, 2) and "forgetting" in results["metrics"]
+
+
+def test_ft_changes_the_backbone(pipeline):
+    finetune.main(finetune_args(pipeline, "ft", "ft", tasks="reach-v3"))
+    ckpt = collect.load_checkpoint(str(pipeline / "ft" / "ckpt.pt"))
+    pretrained = collect.load_checkpoint(str(pipeline / "pretrain" / "ckpt.pt"))["model"]
+    assert not torch.equal(ckpt["model"]["blocks.0.attn.qkv.weight"], pretrained["blocks.0.attn.qkv.weight"])
+    assert ckpt["pool_args"] is None and ckpt["trainable_params"] == sum(v.numel() for v in pretrained.values())
+
+
+def test_resume_after_an_interruption_gives_the_same_success_matrix(pipeline, monkeypatch):
+    args = finetune_args(pipeline, "ewc", "ewc-full", steps_per_task=10)
+    finetune.main(args)
+    full = collect.load_checkpoint(str(pipeline / "ewc-full" / "ckpt.pt"))
+
+    real_save = finetune.save_atomic
+
+    def save_then_crash(obj, path):  # dies right after the first task's checkpoint
+        real_save(obj, path)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(finetune, "save_atomic", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        finetune.main(finetune_args(pipeline, "ewc", "ewc-resumed", steps_per_task=10))
+    monkeypatch.setattr(finetune, "save_atomic", real_save)
+    finetune.main(finetune_args(pipeline, "ewc", "ewc-resumed", steps_per_task=10, resume=True))
+    resumed = collect.load_checkpoint(str(pipeline / "ewc-resumed" / "ckpt.pt"))
+    assert resumed["success"] == full["success"]
+    for k, v in full["model"].items():
+        assert torch.equal(v, resumed["model"][k]), k
+
+
+def test_evaluate_a_checkpoint_writes_results(pipeline):
+    proc = run_script("evaluate.py", "--ckpt", str(pipeline / "pretrain" / "ckpt.pt"), "--tasks", "reach", "--episodes", "2")
+    assert "env steps/s" in proc.stdout
+    results = json.loads((pipeline / "pretrain" / "eval" / "results.json").read_text())["results"]
+    assert results[0]["task"] == "reach-v3" and results[0]["episodes"] == 2 and 0 <= results[0]["success"] <= 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--method", "sgd"], "unknown --method 'sgd'"),
+    (["--ckpt", "nowhere.pt"], "no checkpoint at nowhere.pt"),
+    (["--tasks", "push-v3"], "python collect.py --tasks push-v3"),
+    (["--ckpt", "CORRUPT"], "not a readable checkpoint"),
+])
+def test_finetune_bad_input_fails_cleanly(pipeline, tmp_path, argv, message):
+    (tmp_path / "corrupt.pt").write_bytes(b"not a checkpoint")
+    argv = [str(tmp_path / "corrupt.pt") if a == "CORRUPT" else a for a in argv]
+    base = ["--ckpt", str(pipeline / "pretrain" / "ckpt.pt"), "--tasks", "reach-v3", "--data-dir", str(pipeline / "data"),
+            "--run-dir", str(tmp_path / "run")]
+    proc = run_script("finetune.py", *base, *argv, check=False)
+    assert proc.returncode != 0 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_data_whose_dims_do_not_match_the_checkpoint_is_rejected(pipeline, tmp_path):
+    write_fake_task(tmp_path, "reach-v3", act_dim=4, obs_dim=39)
+    arrays = dict(np.load(tmp_path / "reach-v3.npz"))
+    arrays["actions"] = np.zeros((len(arrays["actions"]), 6), np.float32)  # 6 action dims; the checkpoint has 4
+    collect.save_npz(str(tmp_path / "reach-v3.npz"), arrays)
+    proc = run_script("finetune.py", "--ckpt", str(pipeline / "pretrain" / "ckpt.pt"), "--tasks", "reach-v3",
+                      "--data-dir", str(tmp_path), "--run-dir", str(tmp_path / "run"), check=False)
+    assert proc.returncode != 0 and "reach-v3.npz has 6 action dims but the model takes at most 4" in proc.stderr
+
+
+def test_all_four_stages_run_as_scripts(pipeline):
+    """collect.py and pretrain.py ran in the fixture; here finetune.py and evaluate.py on its checkpoint."""
+    run = pipeline / "lora-script"
+    proc = run_script("finetune.py", "--ckpt", str(pipeline / "pretrain" / "ckpt.pt"), "--method", "lora",
+                      "--tasks", "reach-v3,window-close-v3", "--data-dir", str(pipeline / "data"), "--run-dir", str(run),
+                      "--steps-per-task", "10", "--batch-size", "8", "--eval-episodes", "1")
+    assert "average success" in proc.stdout and "trainable of" in proc.stdout
+    run_script("evaluate.py", "--ckpt", str(run / "ckpt.pt"), "--episodes", "1")
+    results = json.loads((run / "eval" / "results.json").read_text())["results"]
+    assert [r["task"] for r in results] == ["reach-v3", "window-close-v3"] and len(results[0]["routing"]) == 1
