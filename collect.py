@@ -324,11 +324,12 @@ def save_atomic(obj, path):
 def load_checkpoint(path, map_location="cpu"):
     """Load a checkpoint (weights_only: no code is unpickled); raises an error a user can act on."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no checkpoint at {path}: make it with `python pretrain.py --out {path}`")
+        raise FileNotFoundError(f"no checkpoint at {path}: pretrain.py (or finetune.py) writes one; check the path")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+        first_line = (str(e).strip().splitlines() or [""])[0]
+        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {first_line})") from None
 
 
 def task_seed(seed, name):

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from collect import load_checkpoint, parse_args, resolve_tasks, save_atomic
 from evaluate import build_model, evaluate_tasks, write_sequence_report
-from model import ModulationPool, action_loss, resolve_device
+from model import ModulationPool, action_loss, resolve_device, use_bf16
 from pretrain import load_data
 
 METHODS = ("ft", "l2", "ewc", "lora", "l2m", "l2m-oracle")
@@ -57,7 +57,7 @@ class Args:
     pull_coef: float = field(default=0.5, metadata={"help": "l2m: weight of the key-pull term (pull_constraint_coef)"})
     reg_lambda: float = field(default=400.0, metadata={"help": "l2/ewc: penalty weight (authors' default)"})
     fisher_batches: int = field(default=10, metadata={"help": "ewc: batches for the diagonal Fisher estimate (authors)"})
-    bf16: bool = field(default=False, metadata={"help": "bfloat16 autocast"})
+    precision: str = field(default="auto", metadata={"help": "auto | bf16 | fp32; auto = bf16 autocast where the hardware has it, else fp32"})
     resume: bool = field(default=False, metadata={"help": "continue after the last finished task of --run-dir"})
 
 
@@ -99,6 +99,7 @@ def main(args):
         if args.method not in METHODS:
             raise ValueError(f"unknown --method {args.method!r}: use one of {', '.join(METHODS)}")
         names = resolve_tasks(args.tasks)
+        bf16 = use_bf16(args.precision, device)
         if args.method == "l2m-oracle" and args.pool_size < len(names):
             raise ValueError(f"l2m-oracle splits the pool into one group per task: --pool-size {args.pool_size} < {len(names)} tasks")
         pretrained = load_checkpoint(args.ckpt)
@@ -148,7 +149,7 @@ def main(args):
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     print(f"{args.method} on {n_tasks} tasks: {trainable:,} trainable of {total:,} parameters ({trainable / total:.1%}) | {device}")
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     oracle = args.method == "l2m-oracle"
     start_all = time.perf_counter()
 

@@ -330,6 +330,17 @@ def resolve_device(name):
     return torch.device(name)
 
 
+def use_bf16(precision, device):
+    """precision 'auto' -> bf16 autocast where the hardware runs it fast (CUDA with bf16, CPUs with AVX-512 bf16)."""
+    if precision not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"unknown precision {precision!r}: use auto, bf16 or fp32")
+    if precision != "auto":
+        return precision == "bf16"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and torch.cpu._is_avx512_bf16_supported()
+
+
 def action_loss(logits, target_bins, valid):
     """Cross-entropy over valid action tokens: logits (B, K, A, NB), target_bins (B, K, A), valid (B, K, A) bool.
     -> (mean loss, accuracy) over the valid tokens (padded timesteps and padded dims carry no loss)."""
