@@ -228,7 +228,7 @@ class DecisionTransformer(nn.Module):
         tokens = tokens + self.embed_timestep(timesteps).unsqueeze(2)  # the step's embedding on every token of it
         return self.embed_ln(tokens.reshape(B, K * self.cfg.tokens_per_step, -1))  # (B, T, C)
 
-    def attention_mask(self, step_mask, n_queries=None):
+    def attention_mask(self, step_mask):
         """step_mask (B, K) bool, True = real timestep (left padding is False) -> (B, 1, T, T) causal & not-padding.
         A padded query may see itself, so no row is empty (its output is never used)."""
         S = self.cfg.tokens_per_step
