@@ -280,24 +280,22 @@ class DecisionTransformer(nn.Module):
         the window. With use_cache, the tokens before a^1 are run once and their keys/values reused, so the
         act_dim passes cost about one forward; without it, each pass runs the whole window again.
         -> (B, act_dim) bins, and the routing dict (or None)."""
-        B, K = returns.shape
-        S = self.cfg.tokens_per_step
+        K, S = returns.shape[1], self.cfg.tokens_per_step
         action_bins = action_bins.clone()
         action_bins[:, -1] = self.cfg.n_bins  # the current step's actions are unknown
         tokens = self.embed(states, returns, action_bins, rewards, timesteps)  # (B, T, C)
         mods, routing = self.modulators(tokens, step_mask, task_ids)
         prefix = (K - 1) * S + 2  # tokens up to and including the current R_t
+        mask = self.attention_mask(step_mask)  # (B, 1, T, T)
         if not use_cache:
             for j in range(act_dim):
-                mask = self.attention_mask(step_mask)[:, :, : prefix + j, : prefix + j]
-                x = tokens[:, : prefix + j]
+                x, m = tokens[:, : prefix + j], mask[:, :, : prefix + j, : prefix + j]
                 for layer, block in enumerate(self.blocks):
-                    x = block(x, mask, mods[layer] if mods else None)
+                    x = block(x, m, mods[layer] if mods else None)
                 action_bins[:, -1, j] = self.action_head(self.ln_f(x[:, -1])).argmax(-1)  # (B,)
                 tokens = self.embed(states, returns, action_bins, rewards, timesteps)
             return action_bins[:, -1, :act_dim], routing
         caches = [dict() for _ in self.blocks]
-        mask = self.attention_mask(step_mask)  # (B, 1, T, T)
         x, rows = tokens[:, :prefix], slice(0, prefix)
         for j in range(act_dim):
             m = mask[:, :, rows, : rows.stop]  # the new rows, against every key so far

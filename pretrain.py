@@ -50,7 +50,7 @@ class Args:
     context_len: int = field(default=5, metadata={"help": "K timesteps per window (authors: 5)"})
     act_dim: int = field(default=0, metadata={"help": "action tokens per step; 0 = the largest action dim of the tasks (4 for Meta-World alone, 6 with DMControl)"})
     precision: str = field(default="auto", metadata={"help": "auto | bf16 | fp32; auto = bf16 autocast where the hardware has it (1.4x faster here), else fp32"})
-    holdout_episodes: int = field(default=2, metadata={"help": "episodes per task held out for the validation loss"})
+    holdout_episodes: int = field(default=2, metadata={"help": "episodes per task held out for the validation loss (0: none)"})
     eval_every: int = field(default=1000, metadata={"help": "report held-out action loss/accuracy per task every N steps"})
     save_every: int = field(default=1000, metadata={"help": "write the checkpoint every N steps (and at the end)"})
     resume: bool = field(default=False, metadata={"help": "continue from --out if it exists"})
@@ -168,7 +168,7 @@ def load_data(names, data_dir, holdout_episodes, K, act_dim, n_bins, seed):
     train = np.setdiff1d(np.arange(len(episodes)), heldout)
     domains = sorted({t["domain"] for t in tasks})
     pools = [train[[tasks[dataset.ep_task[e]]["domain"] == d for e in train]] for d in domains]
-    heldout_by_task = {i: np.array([e for e in heldout if dataset.ep_task[e] == i]) for i in range(len(tasks))}
+    heldout_by_task = {i: np.array([e for e in heldout if dataset.ep_task[e] == i]) for i in range(len(tasks)) if holdout_episodes}
     return tasks, dataset, pools, heldout_by_task
 
 
@@ -239,7 +239,7 @@ def main(args):
             if differs:
                 raise ValueError(f"cannot resume {args.out}: it was made with other settings: {'; '.join(differs)}")
         tasks, dataset, pools, heldout = load_data(names, args.data_dir, args.holdout_episodes, args.context_len, act_dim,
-                                                   64, args.seed + rank)
+                                                   DTConfig.n_bins, args.seed + rank)
     except (ValueError, FileNotFoundError) as e:
         fail(e)
 
@@ -280,7 +280,7 @@ def main(args):
 
     # --- the training loop ----------------------------------------------------------------------------------
     bar = tqdm(total=args.steps, initial=step, disable=not is_main, dynamic_ncols=True)
-    start, timed_steps = time.perf_counter(), 0
+    start, timed_steps, metrics = time.perf_counter(), 0, None
     while step < args.steps:
         lr = lr_at(step, args)
         for group in optimizer.param_groups:
@@ -300,26 +300,27 @@ def main(args):
             bar.set_postfix_str(f"loss {loss.item():.3f} acc {accuracy.item():.3f} lr {lr:.1e} "
                                 f"{seconds / timed_steps * 1e3:.0f} ms/step {tokens_per_step * timed_steps / seconds:,.0f} tok/s")
             bar.update()
-        if step % args.eval_every == 0 or step == args.steps:
-            if is_main:
-                metrics = heldout_metrics(model, dataset, heldout, device, autocast)
-                mean_loss, mean_acc = np.mean([m[0] for m in metrics.values()]), np.mean([m[1] for m in metrics.values()])
-                with open(os.path.join(os.path.dirname(args.out) or ".", "metrics.jsonl"), "a") as f:
-                    f.write(json.dumps(dict(step=step, heldout=metrics)) + "\n")  # per task: [loss, accuracy]
-                worst = sorted(metrics.items(), key=lambda kv: kv[1][1])[:3]
-                tqdm.write(f"step {step} | held-out loss {mean_loss:.3f} acc {mean_acc:.3f} | lowest acc: "
-                           + ", ".join(f"{n} {a:.2f}" for n, (_, a) in worst))
+        if (step % args.eval_every == 0 or step == args.steps) and is_main and heldout:
+            metrics = heldout_metrics(model, dataset, heldout, device, autocast)
+            mean_loss, mean_acc = np.mean([m[0] for m in metrics.values()]), np.mean([m[1] for m in metrics.values()])
+            with open(os.path.join(os.path.dirname(args.out) or ".", "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(dict(step=step, heldout=metrics)) + "\n")  # per task: [loss, accuracy]
+            worst = sorted(metrics.items(), key=lambda kv: kv[1][1])[:3]
+            tqdm.write(f"step {step} | held-out loss {mean_loss:.3f} acc {mean_acc:.3f} | lowest acc: "
+                       + ", ".join(f"{n} {a:.2f}" for n, (_, a) in worst))
         if step % args.save_every == 0 or step == args.steps:
             checkpoint()
     bar.close()
 
     if is_main:
         seconds = time.perf_counter() - start
-        metrics = heldout_metrics(model, dataset, heldout, device, autocast)
-        print("\nheld-out action loss / accuracy per task:")
-        for name, (loss_value, acc) in metrics.items():
-            print(f"  {name:<28} {loss_value:.3f} / {acc:.3f}")
-        print(f"mean {np.mean([m[0] for m in metrics.values()]):.3f} / {np.mean([m[1] for m in metrics.values()]):.3f}")
+        if metrics is None and heldout:  # resumed a finished run: nothing was evaluated above
+            metrics = heldout_metrics(model, dataset, heldout, device, autocast)
+        if metrics:
+            print("\nheld-out action loss / accuracy per task:")
+            for name, (loss_value, acc) in metrics.items():
+                print(f"  {name:<28} {loss_value:.3f} / {acc:.3f}")
+            print(f"mean {np.mean([m[0] for m in metrics.values()]):.3f} / {np.mean([m[1] for m in metrics.values()]):.3f}")
         if timed_steps:
             print(f"{timed_steps} steps in {seconds:.0f} s: {seconds / timed_steps * 1e3:.0f} ms/step, "
                   f"{tokens_per_step * timed_steps / seconds:,.0f} tokens/s")
