@@ -63,6 +63,9 @@ MT40 = [
     "window-open-v3", "pick-place-wall-v3",
 ]
 MT50 = MT40 + CW10
+# A fixed subset of the pre-training tasks (every 4th of MT40) on which retention is measured before and after
+# fine-tuning (our choice: the paper reports retention on MT40 without naming a subset).
+RETAIN10 = MT40[::4]
 # DMControl pre-training tasks (configs/.../names/dmcontrol10.yaml), named <domain>-<task>.
 DMC10 = [
     "cartpole-balance", "finger-turn_easy", "finger-turn_hard", "fish-upright", "hopper-stand",
@@ -72,7 +75,8 @@ DMC10 = [
 # reacher-easy (their older list) so the 16 DMControl tasks are distinct, as the paper's dataset claims.
 DMC6 = ["ball_in_cup-catch", "cartpole-swingup", "cheetah-run", "finger-spin", "reacher-easy", "walker-walk"]
 DMC16 = DMC10 + DMC6
-TASK_LISTS = {"cw10": CW10, "mt40": MT40, "mt50": MT50, "dmc10": DMC10, "dmc6": DMC6, "dmc16": DMC16}
+TASK_LISTS = {"cw10": CW10, "mt40": MT40, "mt50": MT50, "dmc10": DMC10, "dmc6": DMC6, "dmc16": DMC16,
+              "retain10": RETAIN10}
 ALL_TASKS = MT50 + DMC16  # a task's index here seeds its collection, so a file never depends on its neighbours
 
 METAWORLD_HORIZON = 200  # Continual World's episode length (META_WORLD_TIME_HORIZON); v3 defaults to 500
@@ -303,6 +307,12 @@ def atomic_write(path):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def write_text(path, text):
+    """Write a text file atomically."""
+    with atomic_write(path) as tmp, open(tmp, "w") as f:
+        f.write(text)
 
 
 def save_npz(path, arrays):

@@ -34,6 +34,7 @@ def test_task_lists_match_metaworld_and_are_disjoint():
     assert len(collect.MT50) == 50 and len(collect.MT40) == 40 and not set(collect.MT40) & set(collect.CW10)
     assert collect.CW10[0] == "hammer-v3" and collect.CW10[-1] == "peg-unplug-side-v3"
     assert len(set(collect.DMC16)) == 16 and not set(collect.DMC10) & set(collect.DMC6)
+    assert len(set(collect.RETAIN10)) == 10 and set(collect.RETAIN10) <= set(collect.MT40)
 
 
 def test_resolve_tasks_expands_lists_aliases_and_dedupes():
@@ -611,6 +612,7 @@ def test_all_four_stages_run_as_scripts(pipeline):
                       "--tasks", "reach-v3,window-close-v3", "--data-dir", str(pipeline / "data"), "--run-dir", str(run),
                       "--steps-per-task", "10", "--batch-size", "8", "--eval-episodes", "1")
     assert "average success" in proc.stdout and "trainable of" in proc.stdout
-    run_script("evaluate.py", "--ckpt", str(run / "ckpt.pt"), "--episodes", "1")
+    proc = run_script("evaluate.py", "--ckpt", str(run / "ckpt.pt"), "--episodes", "1")
+    assert "average success" in proc.stdout and "| after \\ on | reach | window-close |" in proc.stdout  # the run's CW table
     results = json.loads((run / "eval" / "results.json").read_text())["results"]
     assert [r["task"] for r in results] == ["reach-v3", "window-close-v3"] and len(results[0]["routing"]) == 1
