@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from collect import load_checkpoint, make_env, parse_args, resolve_tasks
+from collect import atomic_write, load_checkpoint, make_env, parse_args, resolve_tasks, write_text
 from model import ActionTokenizer, DecisionTransformer, DTConfig, ModulationPool, resolve_device
 
 EVAL_SEED = 10_000  # episode i of every task starts from reset(seed=EVAL_SEED + i): disjoint from collection seeds
@@ -178,16 +178,13 @@ def routing_table(results):
     return "\n".join(lines)
 
 
-def write_sequence_report(run_dir, ckpt):
-    """results.json, results.md, success_matrix.png and success_curves.png of a (finished) fine-tuning run."""
+def sequence_report(ckpt):
+    """The Continual-World table of a fine-tuning checkpoint: (metrics dict, markdown text)."""
     names = [t["name"] for t in ckpt["tasks"]]
     S = np.asarray(ckpt["success"])
     metrics = continual_metrics(S)
     final = ckpt["stages"][-1]["results"]
     metrics["final_step_success"] = float(np.mean([r["success_final"] for r in final]))
-    with open(os.path.join(run_dir, "results.json"), "w") as f:
-        json.dump(dict(method=ckpt["method"], tasks=names, success=S.tolist(), metrics=metrics, args=ckpt["args"],
-                       trainable_params=ckpt["trainable_params"], stages=ckpt["stages"]), f, indent=1)
     header = "| after \\ on | " + " | ".join(n.removesuffix("-v3") for n in names) + " |"
     matrix = [header, "|---|" + "---|" * len(names)]
     for name, row in zip(names, S):
@@ -199,9 +196,18 @@ def write_sequence_report(run_dir, ckpt):
             "", "## After the last task", "", format_results(final)]
     if ckpt["pool_args"] is not None:
         text += ["", "## Routing after the last task (share of evaluation steps per pool entry)", "", routing_table(final)]
-    report = "\n".join(text) + "\n"
-    with open(os.path.join(run_dir, "results.md"), "w") as f:
-        f.write(report)
+    return metrics, "\n".join(text) + "\n"
+
+
+def write_sequence_report(run_dir, ckpt):
+    """results.json, results.md, success_matrix.png and success_curves.png of a (finished) fine-tuning run."""
+    names = [t["name"] for t in ckpt["tasks"]]
+    S = np.asarray(ckpt["success"])
+    metrics, report = sequence_report(ckpt)
+    write_text(os.path.join(run_dir, "results.json"), json.dumps(dict(
+        method=ckpt["method"], tasks=names, success=S.tolist(), metrics=metrics, args=ckpt["args"],
+        trainable_params=ckpt["trainable_params"], stages=ckpt["stages"]), indent=1))
+    write_text(os.path.join(run_dir, "results.md"), report)
 
     fig, ax = plt.subplots(figsize=(max(4.5, 1.5 + 0.5 * len(names)), max(4.0, 1.2 + 0.45 * len(names))))
     ax.imshow(S, vmin=0, vmax=1, cmap="viridis")
@@ -214,7 +220,8 @@ def write_sequence_report(run_dir, ckpt):
         for j in range(len(names)):
             ax.text(j, i, f"{S[i, j]:.1f}", ha="center", va="center", fontsize=6, color="w" if S[i, j] < 0.6 else "k")
     fig.tight_layout()
-    fig.savefig(os.path.join(run_dir, "success_matrix.png"), dpi=120)
+    with atomic_write(os.path.join(run_dir, "success_matrix.png")) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 3))
@@ -224,7 +231,8 @@ def write_sequence_report(run_dir, ckpt):
     ax.set_xlabel("after learning"), ax.set_ylabel("success"), ax.set_ylim(-0.05, 1.05)
     ax.legend(fontsize=6, ncol=2, loc="center left", bbox_to_anchor=(1, 0.5))
     fig.tight_layout()
-    fig.savefig(os.path.join(run_dir, "success_curves.png"), dpi=120)
+    with atomic_write(os.path.join(run_dir, "success_curves.png")) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
     return report
 
@@ -255,10 +263,11 @@ def main(args):
     table = format_results(results)
     if model.pool is not None:
         table += "\n\nRouting (share of evaluation steps per pool entry):\n\n" + routing_table(results)
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(dict(ckpt=args.ckpt, episodes=args.episodes, results=results), f, indent=1)
-    with open(os.path.join(out, "results.md"), "w") as f:
-        f.write(f"# Evaluation of `{args.ckpt}`, {args.episodes} episodes per task\n\n{table}\n")
+    write_text(os.path.join(out, "results.json"), json.dumps(dict(ckpt=args.ckpt, episodes=args.episodes, results=results), indent=1))
+    write_text(os.path.join(out, "results.md"), f"# Evaluation of `{args.ckpt}`, {args.episodes} episodes per task\n\n{table}\n")
+    if ckpt.get("kind") == "finetune":  # the run's Continual-World table, from the evaluations made during it
+        print(sequence_report(ckpt)[1])
+        print(f"Re-evaluated now, {args.episodes} episodes per task:\n")
     print(table)
     steps = sum(r["env_steps"] for r in results)
     model_s, env_s = sum(r["model_seconds"] for r in results), sum(r["env_seconds"] for r in results)
