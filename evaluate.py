@@ -10,7 +10,8 @@ No task id reaches the model unless the method is an oracle.
 Examples:
   python evaluate.py --ckpt runs/pretrain/ckpt.pt --tasks reach-v3,push-v3 --episodes 10
   python evaluate.py --ckpt runs/l2m-cw10/ckpt.pt                 # the sequence's tasks, after the last task
-  python evaluate.py --ckpt runs/l2m-cw10/ckpt.pt --tasks reach,door-open   # retention of pre-training tasks
+  python evaluate.py --ckpt runs/l2m-cw10/ckpt.pt --tasks retain10 --out runs/l2m-cw10/retain10   # retention
+  python evaluate.py --compare runs/ft-cw10,runs/l2m-cw10 --reference runs/l2m-oracle-cw10   # the results table
 """
 import json
 import os
@@ -40,6 +41,10 @@ class Args:
     episodes: int = field(default=10, metadata={"help": "episodes per task"})
     out: str = field(default="", metadata={"help": "output directory; empty = <checkpoint's directory>/eval"})
     device: str = field(default="auto", metadata={"help": "auto (cuda if available), cpu or cuda"})
+    compare: str = field(default="", metadata={"help": "comma-separated fine-tuning run directories (seeds of a method "
+                         "may repeat it): instead of evaluating, write <out or runs>/comparison.md, one row per method"})
+    reference: str = field(default="", metadata={"help": "with --compare: a run whose end-of-task success per task "
+                           "(its diagonal, e.g. an l2m-oracle run) is the single-task reference for forward transfer"})
 
 
 def build_model(ckpt, device):
@@ -199,6 +204,54 @@ def sequence_report(ckpt):
     return metrics, "\n".join(text) + "\n"
 
 
+def retention(directory):
+    """Mean success of `evaluate.py --tasks retain10 --out <directory>/retain10`, or None if it was not run."""
+    path = os.path.join(directory, "retain10", "results.json")
+    if not os.path.exists(path):
+        return None
+    return float(np.mean([r["success"] for r in json.load(open(path))["results"]]))
+
+
+def compare_runs(run_dirs, reference_dir=""):
+    """The results table across fine-tuning runs: one row per method, mean ± std over its runs (seeds)."""
+    reference = None
+    if reference_dir:
+        reference = np.diag(json.load(open(os.path.join(reference_dir, "results.json")))["success"])
+    by_method, pretrained = {}, set()
+    for run_dir in run_dirs:
+        path = os.path.join(run_dir, "results.json")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"no {path}: is {run_dir} a finished finetune.py run?")
+        run = json.load(open(path))
+        metrics = continual_metrics(run["success"], reference)
+        row = dict(average=metrics["average"], forgetting=metrics["forgetting"],
+                   forward_transfer=metrics.get("forward_transfer"), final_step=run["metrics"]["final_step_success"],
+                   retention=retention(run_dir), params=run["trainable_params"],
+                   minutes=sum(s["train_seconds"] + s["eval_seconds"] for s in run["stages"]) / 60)
+        by_method.setdefault(run["method"], []).append(row)
+        pretrained.add(os.path.dirname(run["args"]["ckpt"]) or ".")
+
+    def cell(rows, key, fmt="{:.2f}"):
+        values = [r[key] for r in rows if r[key] is not None]
+        if not values:
+            return "–"
+        text = fmt.format(np.mean(values))
+        return text + (f" ± {fmt.format(np.std(values))}" if len(values) > 1 else "")
+
+    columns = ["average success", "forgetting"] + (["forward transfer"] if reference is not None else []) + [
+        "final-step success", "retention (retain10)", "trainable params", "wall time (min)"]
+    lines = ["| method | runs | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
+    for method, rows in by_method.items():
+        cells = [cell(rows, "average"), cell(rows, "forgetting")]
+        cells += [cell(rows, "forward_transfer")] if reference is not None else []
+        cells += [cell(rows, "final_step"), cell(rows, "retention"), f"{rows[0]['params']:,}", cell(rows, "minutes", "{:.0f}")]
+        lines.append(f"| {method} | {len(rows)} | " + " | ".join(cells) + " |")
+    for directory in sorted(pretrained):
+        if retention(directory) is not None:
+            lines.append(f"\nRetention (retain10) of the pre-trained model in {directory}: {retention(directory):.2f}")
+    return "\n".join(lines) + "\n"
+
+
 def write_sequence_report(run_dir, ckpt):
     """results.json, results.md, success_matrix.png and success_curves.png of a (finished) fine-tuning run."""
     names = [t["name"] for t in ckpt["tasks"]]
@@ -239,6 +292,16 @@ def write_sequence_report(run_dir, ckpt):
 
 def main(args):
     device = resolve_device(args.device)
+    if args.compare:
+        try:
+            table = compare_runs([d for d in args.compare.split(",") if d], args.reference)
+        except (ValueError, FileNotFoundError) as e:
+            sys.exit(f"evaluate.py: error: {e}")
+        out = args.out or "runs"
+        os.makedirs(out, exist_ok=True)
+        write_text(os.path.join(out, "comparison.md"), table)
+        print(table + f"wrote {out}/comparison.md")
+        return
     try:
         if args.episodes < 1:
             raise ValueError(f"--episodes must be at least 1 (got {args.episodes})")

@@ -495,6 +495,31 @@ def test_continual_metrics_on_a_hand_made_matrix():
         evaluate.continual_metrics([[0.1, 0.2]])
 
 
+def test_compare_runs_averages_seeds_per_method(tmp_path):
+    def fake_run(name, method, success, retained=None):
+        run = tmp_path / name
+        run.mkdir()
+        stages = [dict(train_seconds=60.0, eval_seconds=30.0)] * len(success)
+        (run / "results.json").write_text(json.dumps(dict(
+            method=method, success=success, metrics=dict(final_step_success=0.5), trainable_params=1234,
+            args=dict(ckpt=str(tmp_path / "pretrain" / "ckpt.pt")), stages=stages)))
+        if retained is not None:
+            (run / "retain10").mkdir()
+            (run / "retain10" / "results.json").write_text(json.dumps(dict(results=[dict(success=s) for s in retained])))
+        return str(run)
+
+    runs = [fake_run("ft0", "ft", [[1.0, 0.0], [0.0, 1.0]], retained=[0.0, 0.2]),
+            fake_run("ft1", "ft", [[1.0, 0.0], [0.4, 0.6]], retained=[0.2, 0.2]),
+            fake_run("l2m0", "l2m", [[0.6, 0.0], [0.6, 0.8]])]
+    table = evaluate.compare_runs(runs, reference_dir=runs[2])
+    ft, l2m = [line for line in table.splitlines() if line.startswith("| ft ") or line.startswith("| l2m ")]
+    # ft: average 0.5 and 0.5; forgetting 0.5 and 0.3; forward transfer against the diagonal (0.6, 0.8): 1 and 0
+    assert ft == "| ft | 2 | 0.50 ± 0.00 | 0.40 ± 0.10 | 0.50 ± 0.50 | 0.50 ± 0.00 | 0.15 ± 0.05 | 1,234 | 3 ± 0 |"
+    assert l2m == "| l2m | 1 | 0.70 | 0.00 | 0.00 | 0.50 | – | 1,234 | 3 |"
+    with pytest.raises(FileNotFoundError, match="finished finetune.py run"):
+        evaluate.compare_runs([str(tmp_path / "nowhere")])
+
+
 def test_l2_and_ewc_penalties_are_zero_at_the_anchor_and_positive_away():
     net = tiny_model()
     anchor = {n: p.detach().clone() for n, p in net.named_parameters()}
