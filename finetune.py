@@ -135,12 +135,10 @@ def main(args):
     else:
         pool_args = None
     model.train()  # dropout stays on in the frozen backbone, as in the authors' fine-tuning
-    optimizer = model.configure_optimizer(args.lr, args.weight_decay)  # one optimizer for the whole sequence
     anchor = importance = None  # l2/ewc: weights after the previous task, and their (summed) Fisher
     success, stages, first_task = [], [], 0
     if resumed is not None:
         model.load_state_dict({**model.state_dict(), **resumed["model"]})
-        optimizer.load_state_dict(resumed["optimizer"])
         anchor, importance = resumed.get("anchor"), resumed.get("importance")
         success, stages, first_task = resumed["success"], resumed["stages"], len(resumed["success"])
         torch.set_rng_state(resumed["rng"])
@@ -158,6 +156,10 @@ def main(args):
         if model.pool is not None:
             model.pool.start_task(task_index)  # L2M: refresh the count penalty
         task_ids = torch.full((args.batch_size,), task_index, device=device) if oracle else None
+        # A fresh optimizer per task: with Adam's moments carried over, the modulators of finished tasks would keep
+        # moving on their momentum while the next task trains (zero gradient, non-zero update); fresh moments leave
+        # every entry the new task does not select bit-identical. The authors keep one optimizer for the sequence.
+        optimizer = model.configure_optimizer(args.lr, args.weight_decay)
         start, losses = time.perf_counter(), []
         bar = tqdm(range(args.steps_per_task), desc=f"task {task_index + 1}/{n_tasks} {task['name']}", dynamic_ncols=True)
         for step in bar:
@@ -204,7 +206,7 @@ def main(args):
         save_atomic(dict(
             kind="finetune", method=args.method, args=asdict(args), model_args=pretrained["model_args"],
             pretrained=dict(path=os.path.abspath(args.ckpt), step=pretrained["step"]), pool_args=pool_args,
-            model=state, tasks=sequence, success=success, stages=stages, optimizer=optimizer.state_dict(),
+            model=state, tasks=sequence, success=success, stages=stages,
             anchor=anchor, importance=importance, rng=torch.get_rng_state(), trainable_params=trainable,
         ), out)
 

@@ -550,8 +550,13 @@ def finetune_args(root, method, run, **kw):
     return finetune.Args(**{**base, **kw})
 
 
-def test_l2m_freezes_the_backbone_and_routes_each_task_to_its_own_entry(pipeline):
+@pytest.fixture(scope="module")
+def l2m_run(pipeline):
     finetune.main(finetune_args(pipeline, "l2m", "l2m", steps_per_task=150))  # enough steps for the keys to converge
+    return pipeline / "l2m"
+
+
+def test_l2m_freezes_the_backbone_and_routes_each_task_to_its_own_entry(pipeline, l2m_run):
     ckpt = collect.load_checkpoint(str(pipeline / "l2m" / "ckpt.pt"))
     assert all(k.startswith("pool.") for k in ckpt["model"]), "a frozen-backbone run stores only the pool"
     model = evaluate.build_model(ckpt, torch.device("cpu"))
@@ -565,6 +570,17 @@ def test_l2m_freezes_the_backbone_and_routes_each_task_to_its_own_entry(pipeline
     assert (pipeline / "l2m" / "success_matrix.png").is_file() and (pipeline / "l2m" / "results.md").is_file()
     results = json.loads((pipeline / "l2m" / "results.json").read_text())
     assert np.asarray(results["success"]).shape == (2, 2) and "forgetting" in results["metrics"]
+
+
+def test_l2m_leaves_a_finished_task_entry_bit_identical(pipeline, l2m_run):
+    """The same seed run on the first task alone gives the first task's entry; learning the second task must not move it."""
+    finetune.main(finetune_args(pipeline, "l2m", "l2m-first", tasks="reach-v3", steps_per_task=150))
+    first = collect.load_checkpoint(str(pipeline / "l2m-first" / "ckpt.pt"))
+    both = collect.load_checkpoint(str(l2m_run / "ckpt.pt"))
+    entry = int(np.argmax(first["stages"][-1]["results"][0]["routing"]))
+    for name in ("pool.keys", "pool.q_a", "pool.q_b", "pool.v_a", "pool.v_b", "pool.mlp_a", "pool.mlp_b"):
+        assert torch.equal(first["model"][name][entry], both["model"][name][entry]), name
+    assert not torch.equal(first["model"]["pool.q_b"], both["model"]["pool.q_b"]), "the second task trained nothing"
 
 
 def test_ft_changes_the_backbone(pipeline):
