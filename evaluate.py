@@ -287,6 +287,26 @@ def write_sequence_report(run_dir, ckpt):
     with atomic_write(os.path.join(run_dir, "success_curves.png")) as tmp:
         fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
+
+    if ckpt["pool_args"] is not None and ckpt["pool_args"]["pool_size"] > 1:  # routing after the last task
+        counts = np.array([r["routing"] for r in ckpt["stages"][-1]["results"]], dtype=float)  # (tasks, P)
+        used = np.flatnonzero(counts.sum(0))
+        share = counts[:, used] / counts.sum(1, keepdims=True)
+        fig, ax = plt.subplots(figsize=(max(4.5, 1.5 + 0.4 * len(used)), max(3.0, 1.2 + 0.35 * len(names))))
+        ax.imshow(share, vmin=0, vmax=1, cmap="magma")
+        ax.set_xticks(range(len(used)), [f"e{i}" for i in used], fontsize=7)
+        ax.set_yticks(range(len(names)), short, fontsize=7)
+        ax.set_xlabel("pool entry"), ax.set_ylabel("evaluated task")
+        ax.set_title(f"{ckpt['method']}: share of evaluation steps per entry, after the last task", fontsize=8)
+        for i in range(len(names)):
+            for j in range(len(used)):
+                if share[i, j] >= 0.005:
+                    ax.text(j, i, f"{share[i, j]:.2f}", ha="center", va="center", fontsize=5,
+                            color="w" if share[i, j] < 0.6 else "k")
+        fig.tight_layout()
+        with atomic_write(os.path.join(run_dir, "routing.png")) as tmp:
+            fig.savefig(tmp, dpi=120, format="png")
+        plt.close(fig)
     return report
 
 

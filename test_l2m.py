@@ -567,7 +567,7 @@ def test_l2m_freezes_the_backbone_and_routes_each_task_to_its_own_entry(pipeline
     routing = [np.array(r["routing"]) for r in ckpt["stages"][-1]["results"]]
     entries = [int(r.argmax()) for r in routing]
     assert entries[0] != entries[1] and all(r.max() == r.sum() for r in routing), routing
-    assert (pipeline / "l2m" / "success_matrix.png").is_file() and (pipeline / "l2m" / "results.md").is_file()
+    assert all((l2m_run / f).is_file() for f in ("success_matrix.png", "success_curves.png", "routing.png", "results.md"))
     results = json.loads((pipeline / "l2m" / "results.json").read_text())
     assert np.asarray(results["success"]).shape == (2, 2) and "forgetting" in results["metrics"]
 
