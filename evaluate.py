@@ -172,11 +172,16 @@ def continual_metrics(success, reference=None):
     return metrics
 
 
-def routing_table(results):
-    """Markdown: for each task, the share of its evaluation steps that selected each pool entry (entries used only)."""
+def routing_shares(results):
+    """-> the pool entries any task used (U,), and each task's share of evaluation steps per such entry (tasks, U)."""
     counts = np.array([r["routing"] for r in results], dtype=float)  # (tasks, P)
     used = np.flatnonzero(counts.sum(0))
-    share = counts[:, used] / counts.sum(1, keepdims=True)
+    return used, counts[:, used] / counts.sum(1, keepdims=True)
+
+
+def routing_table(results):
+    """Markdown: for each task, the share of its evaluation steps that selected each pool entry (entries used only)."""
+    used, share = routing_shares(results)
     lines = ["| task | " + " | ".join(f"e{i}" for i in used) + " |", "|---|" + "---|" * len(used)]
     for r, row in zip(results, share):
         lines.append(f"| {r['task']} | " + " | ".join(f"{s:.2f}" if s > 0 else "" for s in row) + " |")
@@ -212,17 +217,20 @@ def retention(directory):
     return float(np.mean([r["success"] for r in json.load(open(path))["results"]]))
 
 
+def load_run(run_dir):
+    """The results.json of a finished fine-tuning run."""
+    path = os.path.join(run_dir, "results.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no {path}: is {run_dir} a finished finetune.py run?")
+    return json.load(open(path))
+
+
 def compare_runs(run_dirs, reference_dir=""):
     """The results table across fine-tuning runs: one row per method, mean ± std over its runs (seeds)."""
-    reference = None
-    if reference_dir:
-        reference = np.diag(json.load(open(os.path.join(reference_dir, "results.json")))["success"])
+    reference = np.diag(load_run(reference_dir)["success"]) if reference_dir else None
     by_method, pretrained = {}, set()
     for run_dir in run_dirs:
-        path = os.path.join(run_dir, "results.json")
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"no {path}: is {run_dir} a finished finetune.py run?")
-        run = json.load(open(path))
+        run = load_run(run_dir)
         metrics = continual_metrics(run["success"], reference)
         row = dict(average=metrics["average"], forgetting=metrics["forgetting"],
                    forward_transfer=metrics.get("forward_transfer"), final_step=run["metrics"]["final_step_success"],
@@ -247,8 +255,9 @@ def compare_runs(run_dirs, reference_dir=""):
         cells += [cell(rows, "final_step"), cell(rows, "retention"), f"{rows[0]['params']:,}", cell(rows, "minutes", "{:.0f}")]
         lines.append(f"| {method} | {len(rows)} | " + " | ".join(cells) + " |")
     for directory in sorted(pretrained):
-        if retention(directory) is not None:
-            lines.append(f"\nRetention (retain10) of the pre-trained model in {directory}: {retention(directory):.2f}")
+        retained = retention(directory)
+        if retained is not None:
+            lines.append(f"\nRetention (retain10) of the pre-trained model in {directory}: {retained:.2f}")
     return "\n".join(lines) + "\n"
 
 
@@ -289,9 +298,7 @@ def write_sequence_report(run_dir, ckpt):
     plt.close(fig)
 
     if ckpt["pool_args"] is not None and ckpt["pool_args"]["pool_size"] > 1:  # routing after the last task
-        counts = np.array([r["routing"] for r in ckpt["stages"][-1]["results"]], dtype=float)  # (tasks, P)
-        used = np.flatnonzero(counts.sum(0))
-        share = counts[:, used] / counts.sum(1, keepdims=True)
+        used, share = routing_shares(ckpt["stages"][-1]["results"])
         fig, ax = plt.subplots(figsize=(max(4.5, 1.5 + 0.4 * len(used)), max(3.0, 1.2 + 0.35 * len(names))))
         ax.imshow(share, vmin=0, vmax=1, cmap="magma")
         ax.set_xticks(range(len(used)), [f"e{i}" for i in used], fontsize=7)
