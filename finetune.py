@@ -58,6 +58,7 @@ class Args:
     reg_lambda: float = field(default=400.0, metadata={"help": "l2/ewc: penalty weight (authors' default)"})
     fisher_batches: int = field(default=10, metadata={"help": "ewc: batches for the diagonal Fisher estimate (authors)"})
     precision: str = field(default="auto", metadata={"help": "auto | bf16 | fp32; auto = bf16 autocast where the hardware has it, else fp32"})
+    frozen_dropout: bool = field(default=False, metadata={"help": "lora/l2m: keep dropout on in the frozen backbone (the authors' set_frozen_eval=False); off by default, see README deviation 15"})
     resume: bool = field(default=False, metadata={"help": "continue after the last finished task of --run-dir"})
 
 
@@ -91,6 +92,14 @@ def quadratic_penalty(model, anchor, importance):
     return total
 
 
+def set_training(model, frozen_eval):
+    """Training mode; with frozen_eval the frozen backbone runs as at evaluation (no dropout) and only the pool
+    trains, so the modulators fit the function they will modulate when acting (the authors' set_frozen_eval)."""
+    model.train(not frozen_eval)
+    if model.pool is not None:
+        model.pool.train()  # the count penalty and the selection counts are training-time behaviour
+
+
 def main(args):
     device = resolve_device(args.device)
     run_dir = args.run_dir or os.path.join("runs", f"{args.method}-{args.tasks.replace(',', '+')}")
@@ -109,8 +118,9 @@ def main(args):
         resumed = None
         if args.resume and os.path.exists(out):
             resumed = load_checkpoint(out)
-            differs = [f"--{k.replace('_', '-')} {resumed['args'][k]!r} (checkpoint) vs {v!r} (now)"
-                       for k, v in asdict(args).items() if k not in RUN_CONTROL and resumed["args"].get(k) != v]
+            made_with = {**asdict(Args()), **resumed["args"]}  # a setting newer than the checkpoint: its default
+            differs = [f"--{k.replace('_', '-')} {made_with[k]!r} (checkpoint) vs {v!r} (now)"
+                       for k, v in asdict(args).items() if k not in RUN_CONTROL and made_with[k] != v]
             if differs:
                 raise ValueError(f"cannot resume {out}: it was made with other settings: {'; '.join(differs)}")
         data = []
@@ -134,7 +144,8 @@ def main(args):
         model.pool = ModulationPool(model.cfg.n_layer, model.cfg.n_embd, **pool_args).to(device)
     else:
         pool_args = None
-    model.train()  # dropout stays on in the frozen backbone, as in the authors' fine-tuning
+    frozen_eval = args.method in FROZEN_BACKBONE and not args.frozen_dropout
+    set_training(model, frozen_eval)
     anchor = importance = None  # l2/ewc: weights after the previous task, and their (summed) Fisher
     success, stages, first_task = [], [], 0
     if resumed is not None:
@@ -193,7 +204,7 @@ def main(args):
         start = time.perf_counter()
         results = evaluate_tasks(model, sequence, args.eval_episodes, device,
                                  task_ids=list(range(n_tasks)) if oracle else None, desc=f"eval after {task['name']}")
-        model.train()
+        set_training(model, frozen_eval)
         success.append([r["success"] for r in results])
         stages.append(dict(task=task["name"], train_loss=float(np.mean(losses[-100:])), train_seconds=train_seconds,
                            eval_seconds=time.perf_counter() - start, results=results))

@@ -532,6 +532,15 @@ def test_l2_and_ewc_penalties_are_zero_at_the_anchor_and_positive_away():
     assert finetune.quadratic_penalty(net, anchor, fisher).item() > 0
 
 
+def test_a_frozen_backbone_trains_without_dropout_while_the_pool_trains():
+    net, b = tiny_model(pool_size=3), random_batch()  # dropout 0.1 in the backbone
+    finetune.set_training(net, frozen_eval=True)
+    assert net.pool.training and not any(m.training for m in net.blocks)
+    assert torch.equal(forward(net, b)[0], forward(net, b)[0]), "the frozen backbone should run as when acting"
+    finetune.set_training(net, frozen_eval=False)  # --frozen-dropout, and every full fine-tuning method
+    assert not torch.equal(forward(net, b)[0], forward(net, b)[0]), "dropout should be on"
+
+
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     """Real data for two Meta-World tasks and a tiny pre-trained checkpoint, shared by the fine-tuning tests."""
@@ -611,6 +620,16 @@ def test_resume_after_an_interruption_gives_the_same_success_matrix(pipeline, mo
     assert resumed["success"] == full["success"]
     for k, v in full["model"].items():
         assert torch.equal(v, resumed["model"][k]), k
+
+
+def test_resume_fills_a_setting_newer_than_the_checkpoint_with_its_default(pipeline, l2m_run, tmp_path):
+    ckpt = collect.load_checkpoint(str(l2m_run / "ckpt.pt"))
+    del ckpt["args"]["frozen_dropout"]  # as in a checkpoint made before the flag existed
+    collect.save_atomic(ckpt, str(tmp_path / "ckpt.pt"))
+    finetune.main(finetune_args(pipeline, "l2m", "unused", steps_per_task=150, run_dir=str(tmp_path), resume=True))
+    with pytest.raises(SystemExit, match="--frozen-dropout False \\(checkpoint\\) vs True \\(now\\)"):
+        finetune.main(finetune_args(pipeline, "l2m", "unused", steps_per_task=150, run_dir=str(tmp_path), resume=True,
+                                    frozen_dropout=True))
 
 
 def test_evaluate_a_checkpoint_writes_results(pipeline):
