@@ -225,18 +225,29 @@ def load_run(run_dir):
     return json.load(open(path))
 
 
+SEED_AND_PLACE = {"seed", "run_dir", "resume", "device"}  # runs differing only in these are seeds of one setting
+
+
 def compare_runs(run_dirs, reference_dir=""):
-    """The results table across fine-tuning runs: one row per method, mean ± std over its runs (seeds)."""
+    """The results table across fine-tuning runs: one row per method and setting, mean ± std over its runs (seeds).
+    Runs of one method whose settings differ get a row each, labelled with the settings that differ."""
     reference = np.diag(load_run(reference_dir)["success"]) if reference_dir else None
+    runs = [(run_dir, load_run(run_dir)) for run_dir in run_dirs]
+
+    def label(run):
+        same_method = [r["args"] for _, r in runs if r["method"] == run["method"]]
+        varying = sorted(k for k in set().union(*same_method)
+                         if k not in SEED_AND_PLACE and len({repr(a.get(k)) for a in same_method}) > 1)
+        return run["method"] + (" (" + ", ".join(f"{k}={run['args'].get(k)}" for k in varying) + ")" if varying else "")
+
     by_method, pretrained = {}, set()
-    for run_dir in run_dirs:
-        run = load_run(run_dir)
+    for run_dir, run in runs:
         metrics = continual_metrics(run["success"], reference)
         row = dict(average=metrics["average"], forgetting=metrics["forgetting"],
                    forward_transfer=metrics.get("forward_transfer"), final_step=run["metrics"]["final_step_success"],
                    retention=retention(run_dir), params=run["trainable_params"],
                    minutes=sum(s["train_seconds"] + s["eval_seconds"] for s in run["stages"]) / 60)
-        by_method.setdefault(run["method"], []).append(row)
+        by_method.setdefault(label(run), []).append(row)
         pretrained.add(os.path.dirname(run["args"]["ckpt"]) or ".")
 
     def cell(rows, key, fmt="{:.2f}"):

@@ -496,26 +496,30 @@ def test_continual_metrics_on_a_hand_made_matrix():
 
 
 def test_compare_runs_averages_seeds_per_method(tmp_path):
-    def fake_run(name, method, success, retained=None):
+    def fake_run(name, method, success, retained=None, seed=0, frozen_dropout=False):
         run = tmp_path / name
         run.mkdir()
         stages = [dict(train_seconds=60.0, eval_seconds=30.0)] * len(success)
         (run / "results.json").write_text(json.dumps(dict(
             method=method, success=success, metrics=dict(final_step_success=0.5), trainable_params=1234,
-            args=dict(ckpt=str(tmp_path / "pretrain" / "ckpt.pt")), stages=stages)))
+            args=dict(ckpt=str(tmp_path / "pretrain" / "ckpt.pt"), seed=seed, run_dir=name,
+                      frozen_dropout=frozen_dropout),
+            stages=stages)))
         if retained is not None:
             (run / "retain10").mkdir()
             (run / "retain10" / "results.json").write_text(json.dumps(dict(results=[dict(success=s) for s in retained])))
         return str(run)
 
     runs = [fake_run("ft0", "ft", [[1.0, 0.0], [0.0, 1.0]], retained=[0.0, 0.2]),
-            fake_run("ft1", "ft", [[1.0, 0.0], [0.4, 0.6]], retained=[0.2, 0.2]),
-            fake_run("l2m0", "l2m", [[0.6, 0.0], [0.6, 0.8]])]
+            fake_run("ft1", "ft", [[1.0, 0.0], [0.4, 0.6]], retained=[0.2, 0.2], seed=1),
+            fake_run("l2m0", "l2m", [[0.6, 0.0], [0.6, 0.8]]),
+            fake_run("l2m-dropout", "l2m", [[0.2, 0.0], [0.2, 0.2]], frozen_dropout=True)]
     table = evaluate.compare_runs(runs, reference_dir=runs[2])
-    ft, l2m = [line for line in table.splitlines() if line.startswith("| ft ") or line.startswith("| l2m ")]
+    ft, l2m, dropout = [line for line in table.splitlines() if line.startswith("| ft ") or line.startswith("| l2m ")]
     # ft: average 0.5 and 0.5; forgetting 0.5 and 0.3; forward transfer against the diagonal (0.6, 0.8): 1 and 0
     assert ft == "| ft | 2 | 0.50 ± 0.00 | 0.40 ± 0.10 | 0.50 ± 0.50 | 0.50 ± 0.00 | 0.15 ± 0.05 | 1,234 | 3 ± 0 |"
-    assert l2m == "| l2m | 1 | 0.70 | 0.00 | 0.00 | 0.50 | – | 1,234 | 3 |"
+    assert l2m == "| l2m (frozen_dropout=False) | 1 | 0.70 | 0.00 | 0.00 | 0.50 | – | 1,234 | 3 |"
+    assert dropout.startswith("| l2m (frozen_dropout=True) | 1 | 0.20 | 0.00 |"), "another setting is another row"
     with pytest.raises(FileNotFoundError, match="finished finetune.py run"):
         evaluate.compare_runs([str(tmp_path / "nowhere")])
 
