@@ -225,6 +225,9 @@ def load_run(run_dir):
     return json.load(open(path))
 
 
+# The paper's CW10 average success (40M model, 100k steps per task), as rendered in PSEC's Table 7 (Liu et al. 2025);
+# the paper's own table was not at hand (../shared/REFERENCE.md, section 6).
+PAPER_CW10_SUCCESS = {"l2m": 0.65, "l2m-oracle": 0.77, "ewc": 0.17, "l2": 0.10}
 SEED_AND_PLACE = {"seed", "run_dir", "resume", "device"}  # runs differing only in these are seeds of one setting
 
 
@@ -240,14 +243,16 @@ def compare_runs(run_dirs, reference_dir=""):
                          if k not in SEED_AND_PLACE and len({repr(a.get(k)) for a in same_method}) > 1)
         return run["method"] + (" (" + ", ".join(f"{k}={run['args'].get(k)}" for k in varying) + ")" if varying else "")
 
-    by_method, pretrained = {}, set()
+    by_method, pretrained, commands = {}, set(), []
     for run_dir, run in runs:
         metrics = continual_metrics(run["success"], reference)
         row = dict(average=metrics["average"], forgetting=metrics["forgetting"],
                    forward_transfer=metrics.get("forward_transfer"), final_step=run["metrics"]["final_step_success"],
                    retention=retention(run_dir), params=run["trainable_params"],
-                   minutes=sum(s["train_seconds"] + s["eval_seconds"] for s in run["stages"]) / 60)
+                   minutes=sum(s["train_seconds"] + s["eval_seconds"] for s in run["stages"]) / 60,
+                   paper=PAPER_CW10_SUCCESS.get(run["method"]) if run["args"].get("tasks") == "cw10" else None)
         by_method.setdefault(label(run), []).append(row)
+        commands.append(f"- {label(run)}, seed {run['args'].get('seed')}: `{run.get('command') or run_dir}`")
         pretrained.add(os.path.dirname(run["args"]["ckpt"]) or ".")
 
     def cell(rows, key, fmt="{:.2f}"):
@@ -257,11 +262,11 @@ def compare_runs(run_dirs, reference_dir=""):
         text = fmt.format(np.mean(values))
         return text + (f" ± {fmt.format(np.std(values))}" if len(values) > 1 else "")
 
-    columns = ["average success", "forgetting"] + (["forward transfer"] if reference is not None else []) + [
+    columns = ["average success", "paper", "forgetting"] + (["forward transfer"] if reference is not None else []) + [
         "final-step success", "retention (retain10)", "trainable params", "wall time (min)"]
     lines = ["| method | runs | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
     for method, rows in by_method.items():
-        cells = [cell(rows, "average"), cell(rows, "forgetting")]
+        cells = [cell(rows, "average"), cell(rows[:1], "paper"), cell(rows, "forgetting")]
         cells += [cell(rows, "forward_transfer")] if reference is not None else []
         cells += [cell(rows, "final_step"), cell(rows, "retention"), f"{rows[0]['params']:,}", cell(rows, "minutes", "{:.0f}")]
         lines.append(f"| {method} | {len(rows)} | " + " | ".join(cells) + " |")
@@ -269,7 +274,7 @@ def compare_runs(run_dirs, reference_dir=""):
         retained = retention(directory)
         if retained is not None:
             lines.append(f"\nRetention (retain10) of the pre-trained model in {directory}: {retained:.2f}")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + ["", "Commands:", *commands]) + "\n"
 
 
 def write_sequence_report(run_dir, ckpt):
@@ -278,7 +283,7 @@ def write_sequence_report(run_dir, ckpt):
     S = np.asarray(ckpt["success"])
     metrics, report = sequence_report(ckpt)
     write_text(os.path.join(run_dir, "results.json"), json.dumps(dict(
-        method=ckpt["method"], tasks=names, success=S.tolist(), metrics=metrics, args=ckpt["args"],
+        method=ckpt["method"], tasks=names, success=S.tolist(), metrics=metrics, args=ckpt["args"], command=ckpt.get("command"),
         trainable_params=ckpt["trainable_params"], stages=ckpt["stages"]), indent=1))
     write_text(os.path.join(run_dir, "results.md"), report)
 

@@ -92,6 +92,17 @@ def quadratic_penalty(model, anchor, importance):
     return total
 
 
+def command_line(args):
+    """The command that reproduces a run: `python finetune.py` and the flags that differ from the defaults."""
+    flags = []
+    for name, value in asdict(args).items():
+        if name in ("resume", "device") or value == Args.__dataclass_fields__[name].default:
+            continue
+        flag = "--" + name.replace("_", "-")
+        flags.append(flag if value is True else "--no-" + flag[2:] if value is False else f"{flag} {value}")
+    return " ".join(["python finetune.py", *flags])
+
+
 def set_training(model, frozen_eval):
     """Training mode; with frozen_eval the frozen backbone runs as at evaluation (no dropout) and only the pool
     trains, so the modulators fit the function they will modulate when acting (the authors' set_frozen_eval)."""
@@ -215,7 +226,7 @@ def main(args):
 
         state = {n: v for n, v in model.state_dict().items() if n.startswith("pool.")} if pool_args else model.state_dict()
         save_atomic(dict(
-            kind="finetune", method=args.method, args=asdict(args), model_args=pretrained["model_args"],
+            kind="finetune", method=args.method, args=asdict(args), command=command_line(args), model_args=pretrained["model_args"],
             pretrained=dict(path=os.path.abspath(args.ckpt), step=pretrained["step"]), pool_args=pool_args,
             model=state, tasks=sequence, success=success, stages=stages,
             anchor=anchor, importance=importance, rng=torch.get_rng_state(), trainable_params=trainable,

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import asdict
 
 import metaworld
 import numpy as np
@@ -496,14 +497,14 @@ def test_continual_metrics_on_a_hand_made_matrix():
 
 
 def test_compare_runs_averages_seeds_per_method(tmp_path):
-    def fake_run(name, method, success, retained=None, seed=0, frozen_dropout=False):
+    def fake_run(name, method, success, retained=None, seed=0, frozen_dropout=False, command=None):
         run = tmp_path / name
         run.mkdir()
         stages = [dict(train_seconds=60.0, eval_seconds=30.0)] * len(success)
         (run / "results.json").write_text(json.dumps(dict(
-            method=method, success=success, metrics=dict(final_step_success=0.5), trainable_params=1234,
+            method=method, success=success, metrics=dict(final_step_success=0.5), trainable_params=1234, command=command,
             args=dict(ckpt=str(tmp_path / "pretrain" / "ckpt.pt"), seed=seed, run_dir=name,
-                      frozen_dropout=frozen_dropout),
+                      frozen_dropout=frozen_dropout, tasks="cw10"),
             stages=stages)))
         if retained is not None:
             (run / "retain10").mkdir()
@@ -511,15 +512,17 @@ def test_compare_runs_averages_seeds_per_method(tmp_path):
         return str(run)
 
     runs = [fake_run("ft0", "ft", [[1.0, 0.0], [0.0, 1.0]], retained=[0.0, 0.2]),
-            fake_run("ft1", "ft", [[1.0, 0.0], [0.4, 0.6]], retained=[0.2, 0.2], seed=1),
+            fake_run("ft1", "ft", [[1.0, 0.0], [0.4, 0.6]], retained=[0.2, 0.2], seed=1,
+                     command="python finetune.py --method ft --seed 1"),
             fake_run("l2m0", "l2m", [[0.6, 0.0], [0.6, 0.8]]),
             fake_run("l2m-dropout", "l2m", [[0.2, 0.0], [0.2, 0.2]], frozen_dropout=True)]
     table = evaluate.compare_runs(runs, reference_dir=runs[2])
     ft, l2m, dropout = [line for line in table.splitlines() if line.startswith("| ft ") or line.startswith("| l2m ")]
     # ft: average 0.5 and 0.5; forgetting 0.5 and 0.3; forward transfer against the diagonal (0.6, 0.8): 1 and 0
-    assert ft == "| ft | 2 | 0.50 ± 0.00 | 0.40 ± 0.10 | 0.50 ± 0.50 | 0.50 ± 0.00 | 0.15 ± 0.05 | 1,234 | 3 ± 0 |"
-    assert l2m == "| l2m (frozen_dropout=False) | 1 | 0.70 | 0.00 | 0.00 | 0.50 | – | 1,234 | 3 |"
-    assert dropout.startswith("| l2m (frozen_dropout=True) | 1 | 0.20 | 0.00 |"), "another setting is another row"
+    assert ft == "| ft | 2 | 0.50 ± 0.00 | – | 0.40 ± 0.10 | 0.50 ± 0.50 | 0.50 ± 0.00 | 0.15 ± 0.05 | 1,234 | 3 ± 0 |"
+    assert l2m == "| l2m (frozen_dropout=False) | 1 | 0.70 | 0.65 | 0.00 | 0.00 | 0.50 | – | 1,234 | 3 |"  # paper: L2M 0.65
+    assert dropout.startswith("| l2m (frozen_dropout=True) | 1 | 0.20 | 0.65 | 0.00 |"), "another setting is another row"
+    assert "- ft, seed 1: `python finetune.py --method ft --seed 1`" in table
     with pytest.raises(FileNotFoundError, match="finished finetune.py run"):
         evaluate.compare_runs([str(tmp_path / "nowhere")])
 
@@ -534,6 +537,13 @@ def test_l2_and_ewc_penalties_are_zero_at_the_anchor_and_positive_away():
         net.action_head.weight.add_(0.1)
     assert finetune.quadratic_penalty(net, anchor, None).item() == pytest.approx(0.01 * net.action_head.weight.numel(), rel=1e-4)
     assert finetune.quadratic_penalty(net, anchor, fisher).item() > 0
+
+
+def test_command_line_reproduces_the_settings():
+    args = finetune.Args(method="ft", seed=1, frozen_dropout=True, lr=3e-3, resume=True)
+    command = finetune.command_line(args)
+    assert command == "python finetune.py --method ft --seed 1 --lr 0.003 --frozen-dropout"
+    assert collect.parse_args(finetune.Args, command.split()[2:]) == finetune.Args(**{**asdict(args), "resume": False})
 
 
 def test_a_frozen_backbone_trains_without_dropout_while_the_pool_trains():
