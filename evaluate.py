@@ -228,7 +228,8 @@ def load_run(run_dir):
 # The paper's CW10 average success (40M model, 100k steps per task), as rendered in PSEC's Table 7 (Liu et al. 2025);
 # the paper's own table was not at hand (../shared/REFERENCE.md, section 6).
 PAPER_CW10_SUCCESS = {"l2m": 0.65, "l2m-oracle": 0.77, "ewc": 0.17, "l2": 0.10}
-SEED_AND_PLACE = {"seed", "run_dir", "resume", "device"}  # runs differing only in these are seeds of one setting
+RUN_CONTROL = {"resume", "device", "run_dir"}  # finetune.py settings that place or continue a run, not its outcome
+SEED_AND_PLACE = RUN_CONTROL | {"seed"}  # runs differing only in these are seeds of one setting
 
 
 def compare_runs(run_dirs, reference_dir=""):
@@ -251,8 +252,9 @@ def compare_runs(run_dirs, reference_dir=""):
                    retention=retention(run_dir), params=run["trainable_params"],
                    minutes=sum(s["train_seconds"] + s["eval_seconds"] for s in run["stages"]) / 60,
                    paper=PAPER_CW10_SUCCESS.get(run["method"]) if run["args"].get("tasks") == "cw10" else None)
-        by_method.setdefault(label(run), []).append(row)
-        commands.append(f"- {label(run)}, seed {run['args'].get('seed')}: `{run.get('command') or run_dir}`")
+        name = label(run)
+        by_method.setdefault(name, []).append(row)
+        commands.append(f"- {name}, seed {run['args'].get('seed')}: `{run.get('command') or run_dir}`")
         pretrained.add(os.path.dirname(run["args"]["ckpt"]) or ".")
 
     def cell(rows, key, fmt="{:.2f}"):

@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from collect import load_checkpoint, parse_args, resolve_tasks, save_atomic
-from evaluate import build_model, evaluate_tasks, write_sequence_report
+from evaluate import RUN_CONTROL, build_model, evaluate_tasks, write_sequence_report
 from model import ModulationPool, action_loss, resolve_device, use_bf16
 from pretrain import load_data
 
@@ -60,9 +60,6 @@ class Args:
     precision: str = field(default="auto", metadata={"help": "auto | bf16 | fp32; auto = bf16 autocast where the hardware has it, else fp32"})
     frozen_dropout: bool = field(default=False, metadata={"help": "lora/l2m: keep dropout on in the frozen backbone (the authors' set_frozen_eval=False); off by default, see README deviation 15"})
     resume: bool = field(default=False, metadata={"help": "continue after the last finished task of --run-dir"})
-
-
-RUN_CONTROL = {"resume", "device", "run_dir"}  # may differ between an interrupted run and its resumption
 
 
 def fisher_diagonal(model, dataset, pools, args, device, autocast):
