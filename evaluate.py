@@ -159,16 +159,16 @@ def format_results(results):
 def continual_metrics(success, reference=None):
     """success[i][j]: success on task j after learning task i (a square matrix, tasks in sequence order).
     average = mean of the last row; forgetting = mean_j (S[j, j] - S[last, j]); forward transfer (with a
-    single-task reference success per task) = mean_j (S[j, j] - ref_j) / (1 - ref_j), the end-of-task point of
-    Continual World's AUC-based definition (we evaluate once per task)."""
+    single-task reference success per task) = mean_j (S[j, j] - ref_j). Continual World divides each task's gap by
+    (1 - ref_j) of areas under learning curves; we have one 10-episode point per task, where ref_j is often 1.0
+    (undefined) or 0.9 (one episode becomes 1.0), so the gap is left unnormalized (README deviation 11)."""
     S = np.asarray(success, dtype=float)
     if S.ndim != 2 or S.shape[0] != S.shape[1]:
         raise ValueError(f"the success matrix must be square (one row per learned task), got shape {S.shape}")
     metrics = dict(average=float(S[-1].mean()), forgetting=float(np.mean(np.diag(S) - S[-1])))
     if reference is not None:
         ref = np.asarray(reference, dtype=float)
-        gain = np.where(ref < 1.0, (np.diag(S) - ref) / np.maximum(1.0 - ref, 1e-8), 0.0)
-        metrics["forward_transfer"] = float(gain.mean())
+        metrics["forward_transfer"] = float(np.mean(np.diag(S) - ref))
     return metrics
 
 

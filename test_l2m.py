@@ -491,7 +491,7 @@ def test_continual_metrics_on_a_hand_made_matrix():
     m = evaluate.continual_metrics(S, reference=[0.5, 0.6, 0.0])
     assert m["average"] == pytest.approx((0.4 + 0.3 + 1.0) / 3)
     assert m["forgetting"] == pytest.approx(((0.8 - 0.4) + (0.6 - 0.3) + 0.0) / 3)
-    assert m["forward_transfer"] == pytest.approx(((0.8 - 0.5) / 0.5 + 0.0 + 1.0) / 3)
+    assert m["forward_transfer"] == pytest.approx(((0.8 - 0.5) + (0.6 - 0.6) + (1.0 - 0.0)) / 3)
     with pytest.raises(ValueError, match="square"):
         evaluate.continual_metrics([[0.1, 0.2]])
 
@@ -518,8 +518,8 @@ def test_compare_runs_averages_seeds_per_method(tmp_path):
             fake_run("l2m-dropout", "l2m", [[0.2, 0.0], [0.2, 0.2]], frozen_dropout=True)]
     table = evaluate.compare_runs(runs, reference_dir=runs[2])
     ft, l2m, dropout = [line for line in table.splitlines() if line.startswith("| ft ") or line.startswith("| l2m ")]
-    # ft: average 0.5 and 0.5; forgetting 0.5 and 0.3; forward transfer against the diagonal (0.6, 0.8): 1 and 0
-    assert ft == "| ft | 2 | 0.50 ± 0.00 | – | 0.40 ± 0.10 | 0.50 ± 0.50 | 0.50 ± 0.00 | 0.15 ± 0.05 | 1,234 | 3 ± 0 |"
+    # ft: average 0.5 and 0.5; forgetting 0.5 and 0.3; forward transfer against the diagonal (0.6, 0.8): 0.3 and 0.1
+    assert ft == "| ft | 2 | 0.50 ± 0.00 | – | 0.40 ± 0.10 | 0.20 ± 0.10 | 0.50 ± 0.00 | 0.15 ± 0.05 | 1,234 | 3 ± 0 |"
     assert l2m == "| l2m (frozen_dropout=False) | 1 | 0.70 | 0.65 | 0.00 | 0.00 | 0.50 | – | 1,234 | 3 |"  # paper: L2M 0.65
     assert dropout.startswith("| l2m (frozen_dropout=True) | 1 | 0.20 | 0.65 | 0.00 |"), "another setting is another row"
     assert "- ft, seed 1: `python finetune.py --method ft --seed 1`" in table
