@@ -262,6 +262,7 @@ def compare_runs(run_dirs, reference_dir=""):
         if not values:
             return "–"
         text = fmt.format(np.mean(values))
+        text = text.lstrip("-") if float(text) == 0 else text  # -0.004 reads "0.00", not "-0.00"
         return text + (f" ± {fmt.format(np.std(values))}" if len(values) > 1 else "")
 
     columns = ["average success", "paper", "forgetting"] + (["forward transfer"] if reference is not None else []) + [
