@@ -161,7 +161,7 @@ def continual_metrics(success, reference=None):
     average = mean of the last row; forgetting = mean_j (S[j, j] - S[last, j]); forward transfer (with a
     single-task reference success per task) = mean_j (S[j, j] - ref_j). Continual World divides each task's gap by
     (1 - ref_j) of areas under learning curves; we have one 10-episode point per task, where ref_j is often 1.0
-    (undefined) or 0.9 (one episode becomes 1.0), so the gap is left unnormalized (README deviation 11)."""
+    (undefined) or 0.9 (one episode then counts 1.0), so the gap is left unnormalized (README deviation 11)."""
     S = np.asarray(success, dtype=float)
     if S.ndim != 2 or S.shape[0] != S.shape[1]:
         raise ValueError(f"the success matrix must be square (one row per learned task), got shape {S.shape}")
