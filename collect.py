@@ -109,6 +109,11 @@ def is_metaworld(name):
     return name in MT50
 
 
+def horizon(name):
+    """Episode length of a task: Continual World's 200 steps for Meta-World, 1000 for DMControl."""
+    return METAWORLD_HORIZON if is_metaworld(name) else DMC_HORIZON
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Environments: both domains behind the gymnasium interface (evaluate.py reuses these constructors)
 
@@ -491,8 +496,7 @@ def main(args):
     if not todo:
         return
     episodes = {n: args.episodes or default_episodes[sources[n]] for n in todo}
-    horizon = {n: METAWORLD_HORIZON if is_metaworld(n) else DMC_HORIZON for n in todo}
-    total_steps = sum(episodes[n] * horizon[n] for n in todo)
+    total_steps = sum(episodes[n] * horizon(n) for n in todo)
     workers = min(args.workers, len(todo))
     print(f"collecting {len(todo)} tasks, {total_steps:,} env steps, {workers} worker processes -> {args.data_dir}/")
 

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from collect import atomic_write, load_checkpoint, make_env, parse_args, resolve_tasks, write_text
+from collect import atomic_write, horizon, load_checkpoint, make_env, parse_args, resolve_tasks, write_text
 from model import ActionTokenizer, DecisionTransformer, DTConfig, ModulationPool, resolve_device
 
 EVAL_SEED = 10_000  # episode i of every task starts from reset(seed=EVAL_SEED + i): disjoint from collection seeds
@@ -43,6 +43,8 @@ class Args:
     device: str = field(default="auto", metadata={"help": "auto (cuda if available), cpu or cuda"})
     compare: str = field(default="", metadata={"help": "comma-separated fine-tuning run directories (seeds of a method "
                          "may repeat it): instead of evaluating, write <out or runs>/comparison.md, one row per method"})
+    bench: bool = field(default=False, metadata={"help": "time the evaluation against stepping the same envs with "
+                        "the same actions and no model; prints the ratio, writes nothing"})
     reference: str = field(default="", metadata={"help": "with --compare: a run whose end-of-task success per task "
                            "(its diagonal, e.g. an l2m-oracle run) is the single-task reference for forward transfer"})
 
@@ -77,16 +79,33 @@ def known_tasks(ckpt):
     return tasks, oracle
 
 
+_ENVS = {}  # (task, episode index) -> environment, built once per process and reused by every evaluation
+
+
+def eval_env(name, i):
+    """Episode i's environment of a task. Building a Meta-World env costs ~100 ms (as much as ~400 steps), so a
+    fine-tuning run reuses them across its evaluations; reset(seed=...) makes a reused env equal a fresh one."""
+    if (name, i) not in _ENVS:
+        _ENVS[name, i] = make_env(name, seed=EVAL_SEED + i)
+    return _ENVS[name, i]
+
+
 @torch.no_grad()
-def evaluate_task(model, task, episodes, device, task_id=None):
-    """Roll out `episodes` episodes of one task in lockstep. task: a checkpoint task entry (name, act_dim,
-    reward_scale, target_return). Returns success (any step / final step), returns, routing counts, timings."""
+def rollout(model, tasks, episodes, device, task_ids=None):
+    """Roll out `episodes` episodes of each task, all in lockstep, one env each, batched through the model.
+    tasks: checkpoint task entries (name, act_dim, reward_scale, target_return) of one horizon. task_ids: the
+    oracle's task id per task, or None. -> per task: success at the last step (the paper's metric) and at any step
+    (Continual World's), returns, routing counts; and a timing dict: seconds spent building envs, in the model and
+    stepping, and every env's actions (for --bench)."""
     cfg = model.cfg
-    K, A, scale = cfg.context_len, cfg.act_dim, task["reward_scale"]
+    K, A, N = cfg.context_len, cfg.act_dim, episodes * len(tasks)
+    start = time.perf_counter()
+    envs = [eval_env(task["name"], i) for task in tasks for i in range(episodes)]  # env n plays task n // episodes
+    build_seconds = time.perf_counter() - start
+    horizon, act_dim = envs[0].horizon, max(task["act_dim"] for task in tasks)
+    env_task = np.repeat(np.arange(len(tasks)), episodes)  # (N,)
+    scale = torch.tensor([tasks[j]["reward_scale"] for j in env_task], device=device)  # (N,)
     tokenizer = ActionTokenizer(cfg.n_bins)
-    envs = [make_env(task["name"], seed=EVAL_SEED + i) for i in range(episodes)]
-    obs = np.stack([env.reset(seed=EVAL_SEED + i)[0] for i, env in enumerate(envs)])  # (N, obs_dim)
-    horizon, N = envs[0].horizon, episodes
     # the context window of every env, left-padded: the last slot is the current timestep
     states = torch.zeros(N, K, cfg.state_dim, device=device)
     returns = torch.zeros(N, K, device=device)
@@ -94,61 +113,93 @@ def evaluate_task(model, task, episodes, device, task_id=None):
     rewards = torch.zeros(N, K, device=device)
     timesteps = torch.zeros(N, K, dtype=torch.long, device=device)
     step_mask = torch.zeros(N, K, dtype=torch.bool, device=device)
-    return_to_go = torch.full((N,), task["target_return"] / scale, device=device)
-    task_ids = None if task_id is None else torch.full((N,), task_id, device=device)
+    return_to_go = torch.tensor([tasks[j]["target_return"] for j in env_task], device=device) / scale  # (N,)
+    own_dims = torch.arange(act_dim, device=device) < torch.tensor([tasks[j]["act_dim"] for j in env_task], device=device)[:, None]
+    ids = None if task_ids is None else torch.as_tensor(np.asarray(task_ids)[env_task], device=device)  # (N,)
 
+    obs = [env.reset(seed=EVAL_SEED + n % episodes)[0] for n, env in enumerate(envs)]
     total_return, success_any, success_last = np.zeros(N), np.zeros(N, bool), np.zeros(N, bool)
-    routing = np.zeros(model.pool.size if model.pool is not None else 0, np.int64)
+    routing = np.zeros((len(tasks), model.pool.size if model.pool is not None else 0), np.int64)
+    actions_taken = np.zeros((horizon, N, act_dim), np.float32)
     model_seconds = env_seconds = 0.0
     for t in range(horizon):
         # shift the window by one and write the current step (state, return-to-go, timestep) into the last slot
         for buffer, pad in ((states, 0.0), (returns, 0.0), (bins, cfg.n_bins), (rewards, 0.0), (timesteps, 0), (step_mask, False)):
             buffer[:, :-1] = buffer[:, 1:].clone()
             buffer[:, -1] = pad
-        states[:, -1, : obs.shape[1]] = torch.as_tensor(obs, device=device)
+        for n, o in enumerate(obs):
+            states[n, -1, : len(o)] = torch.from_numpy(o)
         returns[:, -1], timesteps[:, -1], step_mask[:, -1] = return_to_go, t, True
 
         start = time.perf_counter()
-        action_bins, route = model.act(states, returns, bins, rewards, timesteps, step_mask, task["act_dim"], task_ids)
-        actions = tokenizer.decode(action_bins).cpu().numpy()  # (N, act_dim) bin centres
+        action_bins, route = model.act(states, returns, bins, rewards, timesteps, step_mask, act_dim, ids)
+        actions_taken[t] = tokenizer.decode(action_bins).cpu().numpy()  # (N, act_dim) bin centres
         model_seconds += time.perf_counter() - start
         if route is not None:
-            routing += np.bincount(route["index"].cpu().numpy(), minlength=len(routing))
+            np.add.at(routing, (env_task, route["index"].cpu().numpy()), 1)
 
         start = time.perf_counter()
         step_rewards = np.zeros(N, np.float32)
-        for i, env in enumerate(envs):
-            obs[i], step_rewards[i], _, _, info = env.step(actions[i])
-            success_last[i] = bool(info.get("success", False))
+        for n, env in enumerate(envs):
+            obs[n], step_rewards[n], _, _, info = env.step(actions_taken[t, n, : tasks[env_task[n]]["act_dim"]])
+            success_last[n] = bool(info.get("success", False))
         env_seconds += time.perf_counter() - start
         success_any |= success_last
         total_return += step_rewards
 
-        bins[:, -1, : task["act_dim"]] = action_bins
+        bins[:, -1, :act_dim] = action_bins.masked_fill(~own_dims, cfg.n_bins)  # other dims stay padding, as in the data
         rewards[:, -1] = torch.as_tensor(step_rewards, device=device) / scale
         return_to_go = return_to_go - rewards[:, -1]  # R_{t+1} = R_t - r_t / scale
-    return dict(
-        task=task["name"], episodes=N, success=float(success_any.mean()), success_final=float(success_last.mean()),
-        mean_return=float(total_return.mean()), returns=total_return.tolist(), routing=routing.tolist(),
-        env_steps=N * horizon, model_seconds=model_seconds, env_seconds=env_seconds,
-    )
-
-
-def evaluate_tasks(model, tasks, episodes, device, task_ids=None, desc="eval"):
-    """Evaluate several tasks (a tqdm bar over tasks); task_ids only for an oracle. -> list of per-task results."""
     results = []
-    for i, task in enumerate(tqdm(tasks, desc=desc, leave=False)):
-        results.append(evaluate_task(model, task, episodes, device, None if task_ids is None else task_ids[i]))
+    for j, task in enumerate(tasks):
+        mine = env_task == j
+        results.append(dict(
+            task=task["name"], episodes=episodes, success=float(success_last[mine].mean()),
+            success_any=float(success_any[mine].mean()), mean_return=float(total_return[mine].mean()),
+            returns=total_return[mine].tolist(), routing=routing[j].tolist(), env_steps=episodes * horizon,
+        ))
+    timing = dict(build_seconds=build_seconds, model_seconds=model_seconds, env_seconds=env_seconds,
+                  tasks=tasks, episodes=episodes, actions=actions_taken)
+    return results, timing
+
+
+def evaluate_tasks(model, tasks, episodes, device, task_ids=None, timings=None):
+    """Evaluate several tasks: the tasks of one horizon (Meta-World 200 steps, DMControl 1000) run in lockstep.
+    task_ids only for an oracle. timings: a list that receives each rollout's timing. -> per-task results."""
+    results = [None] * len(tasks)
+    for length in sorted({horizon(t["name"]) for t in tasks}):
+        group = [i for i, t in enumerate(tasks) if horizon(t["name"]) == length]
+        ids = None if task_ids is None else [task_ids[i] for i in group]
+        group_results, timing = rollout(model, [tasks[i] for i in group], episodes, device, ids)
+        for i, r in zip(group, group_results):
+            results[i] = r
+        if timings is not None:
+            timings.append(timing)
     return results
 
 
+def replay_seconds(timing):
+    """Seconds to step the envs of a rollout with the actions it took, without the model: the floor that an
+    evaluation's wall time is measured against (--bench)."""
+    tasks, episodes, actions = timing["tasks"], timing["episodes"], timing["actions"]  # actions (horizon, N, A)
+    envs = [eval_env(task["name"], i) for task in tasks for i in range(episodes)]
+    act_dims = [task["act_dim"] for task in tasks for _ in range(episodes)]
+    for n, env in enumerate(envs):
+        env.reset(seed=EVAL_SEED + n % episodes)
+    start = time.perf_counter()
+    for step_actions in actions:
+        for env, action, act_dim in zip(envs, step_actions, act_dims):
+            env.step(action[:act_dim])
+    return time.perf_counter() - start
+
+
 def format_results(results):
-    """A markdown table of per-task results, with a mean row."""
-    lines = ["| task | success (any step) | success (final step) | mean return |", "|---|---|---|---|"]
+    """A markdown table of per-task results, with a mean row. Success at the last step is the paper's metric."""
+    lines = ["| task | success (last step) | success (any step) | mean return |", "|---|---|---|---|"]
     for r in results:
-        lines.append(f"| {r['task']} | {r['success']:.2f} | {r['success_final']:.2f} | {r['mean_return']:.1f} |")
+        lines.append(f"| {r['task']} | {r['success']:.2f} | {r['success_any']:.2f} | {r['mean_return']:.1f} |")
     lines.append(f"| **mean** | **{np.mean([r['success'] for r in results]):.2f}** | "
-                 f"{np.mean([r['success_final'] for r in results]):.2f} | |")
+                 f"{np.mean([r['success_any'] for r in results]):.2f} | |")
     return "\n".join(lines)
 
 
@@ -158,17 +209,15 @@ def format_results(results):
 
 def continual_metrics(success, reference=None):
     """success[i][j]: success on task j after learning task i (a square matrix, tasks in sequence order).
-    average = mean of the last row; forgetting = mean_j (S[j, j] - S[last, j]); forward transfer (with a
-    single-task reference success per task) = mean_j (S[j, j] - ref_j). Continual World divides each task's gap by
-    (1 - ref_j) of areas under learning curves; we have one 10-episode point per task, where ref_j is often 1.0
-    (undefined) or 0.9 (one episode then counts 1.0), so the gap is left unnormalized (README deviation 11)."""
+    average = mean of the last row; forgetting = mean_j (S[j, j] - S[last, j]). With a reference success per task
+    (e.g. the diagonal of an l2m-oracle run): gap_to_reference = mean_j (S[j, j] - ref_j), the end-of-task gap.
+    It is not Continual World's forward transfer, which needs single-task runs' learning curves (README deviation 11)."""
     S = np.asarray(success, dtype=float)
     if S.ndim != 2 or S.shape[0] != S.shape[1]:
         raise ValueError(f"the success matrix must be square (one row per learned task), got shape {S.shape}")
     metrics = dict(average=float(S[-1].mean()), forgetting=float(np.mean(np.diag(S) - S[-1])))
     if reference is not None:
-        ref = np.asarray(reference, dtype=float)
-        metrics["forward_transfer"] = float(np.mean(np.diag(S) - ref))
+        metrics["gap_to_reference"] = float(np.mean(np.diag(S) - np.asarray(reference, dtype=float)))
     return metrics
 
 
@@ -188,33 +237,51 @@ def routing_table(results):
     return "\n".join(lines)
 
 
-def sequence_report(ckpt):
-    """The Continual-World table of a fine-tuning checkpoint: (metrics dict, markdown text)."""
-    names = [t["name"] for t in ckpt["tasks"]]
-    S = np.asarray(ckpt["success"])
-    metrics = continual_metrics(S)
-    final = ckpt["stages"][-1]["results"]
-    metrics["final_step_success"] = float(np.mean([r["success_final"] for r in final]))
+def success_matrix_table(names, S):
     header = "| after \\ on | " + " | ".join(n.removesuffix("-v3") for n in names) + " |"
-    matrix = [header, "|---|" + "---|" * len(names)]
+    lines = [header, "|---|" + "---|" * len(names)]
     for name, row in zip(names, S):
-        matrix.append(f"| {name.removesuffix('-v3')} | " + " | ".join(f"{s:.1f}" for s in row) + " |")
+        lines.append(f"| {name.removesuffix('-v3')} | " + " | ".join(f"{s:.1f}" for s in row) + " |")
+    return "\n".join(lines)
+
+
+def sequence_report(ckpt):
+    """The Continual-World table of a fine-tuning checkpoint: (metrics dict, markdown text). The headline is success
+    at the last step of an episode (the paper's metric); success at any step (Continual World's) is beside it."""
+    names = [t["name"] for t in ckpt["tasks"]]
+    S, S_any = np.asarray(ckpt["success"]), np.asarray(ckpt["success_any"])
+    metrics = continual_metrics(S)
+    any_step = continual_metrics(S_any)
+    metrics.update(average_any=any_step["average"], forgetting_any=any_step["forgetting"])
+    final = ckpt["stages"][-1]["results"]
     text = [f"# {ckpt['method']} on {len(names)} tasks", "",
-            f"average success {metrics['average']:.2f} | forgetting {metrics['forgetting']:.2f} | "
-            f"final-step success {metrics['final_step_success']:.2f} | trainable parameters {ckpt['trainable_params']:,}",
-            "", "## Success matrix (row: after learning that task; column: evaluated task)", "", *matrix,
+            f"average success {metrics['average']:.2f} (last step; any step {metrics['average_any']:.2f}) | "
+            f"forgetting {metrics['forgetting']:.2f} (any step {metrics['forgetting_any']:.2f}) | "
+            f"trainable parameters {ckpt['trainable_params']:,}",
+            "", "## Success at the last step (row: after learning that task; column: evaluated task)", "",
+            success_matrix_table(names, S), "", "## Success at any step", "", success_matrix_table(names, S_any),
             "", "## After the last task", "", format_results(final)]
     if ckpt["pool_args"] is not None:
         text += ["", "## Routing after the last task (share of evaluation steps per pool entry)", "", routing_table(final)]
     return metrics, "\n".join(text) + "\n"
 
 
+def read_json(path):
+    """A JSON file, or an error that names it."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a readable JSON file ({e})") from None
+
+
 def retention(directory):
-    """Mean success of `evaluate.py --tasks retain10 --out <directory>/retain10`, or None if it was not run."""
+    """Mean success (last step, any step) of `evaluate.py --tasks retain10 --out <directory>/retain10`, or None."""
     path = os.path.join(directory, "retain10", "results.json")
     if not os.path.exists(path):
         return None
-    return float(np.mean([r["success"] for r in json.load(open(path))["results"]]))
+    results = read_json(path)["results"]
+    return float(np.mean([r["success"] for r in results])), float(np.mean([r["success_any"] for r in results]))
 
 
 def load_run(run_dir):
@@ -222,21 +289,34 @@ def load_run(run_dir):
     path = os.path.join(run_dir, "results.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"no {path}: is {run_dir} a finished finetune.py run?")
-    return json.load(open(path))
+    run = read_json(path)
+    missing = {"method", "tasks", "success", "success_any", "args", "stages"} - set(run)
+    if missing:
+        raise ValueError(f"{path} lacks {', '.join(sorted(missing))}: not a results.json of this version of finetune.py")
+    return run
 
 
-# The paper's CW10 average success (40M model, 100k steps per task), as rendered in PSEC's Table 7 (Liu et al. 2025);
-# the paper's own table was not at hand (../shared/REFERENCE.md, section 6).
+# The paper's CW10 average success at the last step (40M model, 100k steps per task): Schmied et al. 2023, as
+# rendered in PSEC's Table 7 (Liu et al. 2025, arXiv 2502.05932); the metric is the authors' eval callback
+# (src/callbacks/custom_eval_callback.py in ml-jku/L2M), which reads info["success"] when the episode ends.
 PAPER_CW10_SUCCESS = {"l2m": 0.65, "l2m-oracle": 0.77, "ewc": 0.17, "l2": 0.10}
-RUN_CONTROL = {"resume", "device", "run_dir"}  # finetune.py settings that place or continue a run, not its outcome
+# finetune.py settings that place, continue, time or launch a run, not its outcome
+RUN_CONTROL = {"resume", "device", "run_dir", "overwrite", "bench", "methods", "seeds", "jobs", "threads"}
 SEED_AND_PLACE = RUN_CONTROL | {"seed"}  # runs differing only in these are seeds of one setting
 
 
 def compare_runs(run_dirs, reference_dir=""):
     """The results table across fine-tuning runs: one row per method and setting, mean ± std over its runs (seeds).
     Runs of one method whose settings differ get a row each, labelled with the settings that differ."""
-    reference = np.diag(load_run(reference_dir)["success"]) if reference_dir else None
     runs = [(run_dir, load_run(run_dir)) for run_dir in run_dirs]
+    reference = None
+    if reference_dir:
+        ref_run = load_run(reference_dir)
+        for run_dir, run in runs:
+            if run["tasks"] != ref_run["tasks"]:
+                raise ValueError(f"--reference {reference_dir} learned {','.join(ref_run['tasks'])} but {run_dir} "
+                                 f"learned {','.join(run['tasks'])}: compare runs of one sequence")
+        reference = np.diag(ref_run["success"])
 
     def label(run):
         same_method = [r["args"] for _, r in runs if r["method"] == run["method"]]
@@ -247,9 +327,10 @@ def compare_runs(run_dirs, reference_dir=""):
     by_method, pretrained, commands = {}, set(), []
     for run_dir, run in runs:
         metrics = continual_metrics(run["success"], reference)
-        row = dict(average=metrics["average"], forgetting=metrics["forgetting"],
-                   forward_transfer=metrics.get("forward_transfer"), final_step=run["metrics"]["final_step_success"],
-                   retention=retention(run_dir), params=run["trainable_params"],
+        retained = retention(run_dir) or (None, None)
+        row = dict(average=metrics["average"], average_any=continual_metrics(run["success_any"])["average"],
+                   forgetting=metrics["forgetting"], gap=metrics.get("gap_to_reference"),
+                   retention=retained[0], retention_any=retained[1], params=run["trainable_params"],
                    minutes=sum(s["train_seconds"] + s["eval_seconds"] for s in run["stages"]) / 60,
                    paper=PAPER_CW10_SUCCESS.get(run["method"]) if run["args"].get("tasks") == "cw10" else None)
         name = label(run)
@@ -265,18 +346,22 @@ def compare_runs(run_dirs, reference_dir=""):
         text = text.lstrip("-") if float(text) == 0 else text  # -0.004 reads "0.00", not "-0.00"
         return text + (f" ± {fmt.format(np.std(values))}" if len(values) > 1 else "")
 
-    columns = ["average success", "paper", "forgetting"] + (["forward transfer"] if reference is not None else []) + [
-        "final-step success", "retention (retain10)", "trainable params", "wall time (min)"]
+    reference_name = f"gap to {load_run(reference_dir)['method']} (end of task)" if reference is not None else None
+    columns = ["success (last step)", "paper", "success (any step)", "forgetting"] + (
+        [reference_name] if reference is not None else []) + [
+        "retention (last step)", "retention (any step)", "trainable params", "wall time (min)"]
     lines = ["| method | runs | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
     for method, rows in by_method.items():
-        cells = [cell(rows, "average"), cell(rows[:1], "paper"), cell(rows, "forgetting")]
-        cells += [cell(rows, "forward_transfer")] if reference is not None else []
-        cells += [cell(rows, "final_step"), cell(rows, "retention"), f"{rows[0]['params']:,}", cell(rows, "minutes", "{:.0f}")]
+        cells = [cell(rows, "average"), cell(rows[:1], "paper"), cell(rows, "average_any"), cell(rows, "forgetting")]
+        cells += [cell(rows, "gap")] if reference is not None else []
+        cells += [cell(rows, "retention"), cell(rows, "retention_any"), f"{rows[0]['params']:,}",
+                  cell(rows, "minutes", "{:.0f}")]
         lines.append(f"| {method} | {len(rows)} | " + " | ".join(cells) + " |")
     for directory in sorted(pretrained):
         retained = retention(directory)
         if retained is not None:
-            lines.append(f"\nRetention (retain10) of the pre-trained model in {directory}: {retained:.2f}")
+            lines.append(f"\nRetention (retain10) of the pre-trained model in {directory}: "
+                         f"{retained[0]:.2f} (last step), {retained[1]:.2f} (any step)")
     return "\n".join(lines + ["", "Commands:", *commands]) + "\n"
 
 
@@ -286,17 +371,20 @@ def write_sequence_report(run_dir, ckpt):
     S = np.asarray(ckpt["success"])
     metrics, report = sequence_report(ckpt)
     write_text(os.path.join(run_dir, "results.json"), json.dumps(dict(
-        method=ckpt["method"], tasks=names, success=S.tolist(), metrics=metrics, args=ckpt["args"], command=ckpt.get("command"),
-        trainable_params=ckpt["trainable_params"], stages=ckpt["stages"]), indent=1))
+        method=ckpt["method"], tasks=names, success=S.tolist(), success_any=ckpt["success_any"], metrics=metrics,
+        args=ckpt["args"], command=ckpt.get("command"), trainable_params=ckpt["trainable_params"],
+        stages=ckpt["stages"]), indent=1))
     write_text(os.path.join(run_dir, "results.md"), report)
 
     fig, ax = plt.subplots(figsize=(max(4.5, 1.5 + 0.5 * len(names)), max(4.0, 1.2 + 0.45 * len(names))))
-    ax.imshow(S, vmin=0, vmax=1, cmap="viridis")
+    image = ax.imshow(S, vmin=0, vmax=1, cmap="viridis")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="success at the last step")
     short = [n.removesuffix("-v3") for n in names]
     ax.set_xticks(range(len(names)), short, rotation=60, ha="right", fontsize=7)
     ax.set_yticks(range(len(names)), short, fontsize=7)
     ax.set_xlabel("evaluated task"), ax.set_ylabel("after learning")
-    ax.set_title(f"{ckpt['method']}: success (avg {metrics['average']:.2f}, forgetting {metrics['forgetting']:.2f})", fontsize=8)
+    ax.set_title(f"{ckpt['method']}: success at the last step (average {metrics['average']:.2f}, "
+                 f"forgetting {metrics['forgetting']:.2f})", fontsize=8)
     for i in range(len(names)):
         for j in range(len(names)):
             ax.text(j, i, f"{S[i, j]:.1f}", ha="center", va="center", fontsize=6, color="w" if S[i, j] < 0.6 else "k")
@@ -309,7 +397,8 @@ def write_sequence_report(run_dir, ckpt):
     for j, name in enumerate(short):
         ax.plot(range(j, len(names)), S[j:, j], marker="o", ms=3, label=name)
     ax.set_xticks(range(len(names)), short, rotation=60, ha="right", fontsize=7)
-    ax.set_xlabel("after learning"), ax.set_ylabel("success"), ax.set_ylim(-0.05, 1.05)
+    ax.set_xlabel("after learning"), ax.set_ylabel("success (last step)"), ax.set_ylim(-0.05, 1.05)
+    ax.set_title(f"{ckpt['method']}: each task's success from the time it was learned", fontsize=8)
     ax.legend(fontsize=6, ncol=2, loc="center left", bbox_to_anchor=(1, 0.5))
     fig.tight_layout()
     with atomic_write(os.path.join(run_dir, "success_curves.png")) as tmp:
@@ -319,7 +408,8 @@ def write_sequence_report(run_dir, ckpt):
     if ckpt["pool_args"] is not None and ckpt["pool_args"]["pool_size"] > 1:  # routing after the last task
         used, share = routing_shares(ckpt["stages"][-1]["results"])
         fig, ax = plt.subplots(figsize=(max(4.5, 1.5 + 0.4 * len(used)), max(3.0, 1.2 + 0.35 * len(names))))
-        ax.imshow(share, vmin=0, vmax=1, cmap="magma")
+        image = ax.imshow(np.where(share > 0, share, np.nan), vmin=0, vmax=1, cmap="magma")  # unused: blank
+        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the task's steps")
         ax.set_xticks(range(len(used)), [f"e{i}" for i in used], fontsize=7)
         ax.set_yticks(range(len(names)), short, fontsize=7)
         ax.set_xlabel("pool entry"), ax.set_ylabel("evaluated task")
@@ -362,10 +452,20 @@ def main(args):
         model = build_model(ckpt, device)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"evaluate.py: error: {e}")
-    start = time.perf_counter()
+    start, timings = time.perf_counter(), []
     task_ids = [oracle_ids[n] for n in names] if oracle_ids else None
-    results = evaluate_tasks(model, [known[n] for n in names], args.episodes, device, task_ids)
+    results = evaluate_tasks(model, [known[n] for n in names], args.episodes, device, task_ids, timings)
     seconds = time.perf_counter() - start
+    steps = sum(r["env_steps"] for r in results)
+    build_s, model_s, env_s = (sum(t[k] for t in timings) for k in ("build_seconds", "model_seconds", "env_seconds"))
+    speed = (f"{steps:,} env steps in {seconds:.1f} s: {steps / seconds:,.0f} env steps/s | building envs "
+             f"{build_s / seconds:.0%}, model {model_s / seconds:.0%}, simulator {env_s / seconds:.0%} of the time")
+    if args.bench:
+        pure = sum(replay_seconds(t) for t in timings)
+        print(format_results(results) + "\n" + speed)
+        print(f"bench: evaluation {seconds:.1f} s / stepping the same envs with the same actions {pure:.1f} s "
+              f"= {seconds / pure:.2f} (nothing written)")
+        return
 
     out = args.out or os.path.join(os.path.dirname(args.ckpt) or ".", "eval")
     os.makedirs(out, exist_ok=True)
@@ -377,11 +477,7 @@ def main(args):
     if ckpt.get("kind") == "finetune":  # the run's Continual-World table, from the evaluations made during it
         print(sequence_report(ckpt)[1])
         print(f"Re-evaluated now, {args.episodes} episodes per task:\n")
-    print(table)
-    steps = sum(r["env_steps"] for r in results)
-    model_s, env_s = sum(r["model_seconds"] for r in results), sum(r["env_seconds"] for r in results)
-    print(f"{steps:,} env steps in {seconds:.0f} s: {steps / seconds:,.0f} env steps/s | "
-          f"model {model_s / seconds:.0%}, simulator {env_s / seconds:.0%} of the time")
+    print(table + "\n" + speed)
     print(f"wrote {out}/results.json, {out}/results.md")
 
 

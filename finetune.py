@@ -19,6 +19,7 @@ Examples:
   python finetune.py --method l2m --resume            # continue after the last finished task
 """
 import os
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -42,7 +43,7 @@ class Args:
     method: str = field(default="l2m", metadata={"help": "one of " + ", ".join(METHODS)})
     tasks: str = field(default="cw10", metadata={"help": "the task sequence, in order (names or list names: cw10, dmc6, ...)"})
     data_dir: str = field(default="data", metadata={"help": "directory of <task>.npz files written by collect.py"})
-    run_dir: str = field(default="", metadata={"help": "output directory; empty = runs/<method>-<tasks>"})
+    run_dir: str = field(default="", metadata={"help": "output directory; empty = runs/<method>-<tasks>-s<seed>"})
     seed: int = field(default=0, metadata={"help": "seed for the pool's initialization, sampling and dropout"})
     device: str = field(default="auto", metadata={"help": "auto (cuda if available), cpu or cuda"})
     steps_per_task: int = field(default=2500, metadata={"help": "gradient steps per task (authors: 100k); the default fits CW10 with its evaluations in about an hour on 2 cores"})
@@ -60,6 +61,14 @@ class Args:
     precision: str = field(default="auto", metadata={"help": "auto | bf16 | fp32; auto = bf16 autocast where the hardware has it, else fp32"})
     frozen_dropout: bool = field(default=False, metadata={"help": "lora/l2m: keep dropout on in the frozen backbone (the authors' set_frozen_eval=False); off by default, see README deviation 15"})
     resume: bool = field(default=False, metadata={"help": "continue after the last finished task of --run-dir"})
+    overwrite: bool = field(default=False, metadata={"help": "replace a run that --run-dir already holds"})
+    bench: int = field(default=0, metadata={"help": "time N training steps of the first task and one evaluation of the "
+                       "sequence (ms/step, tokens/s, model vs simulator); writes nothing"})
+    methods: str = field(default="", metadata={"help": "several runs side by side: comma-separated methods (with --seeds); "
+                         "each run is its own process with --threads 1, logging to <run-dir>/log.txt"})
+    seeds: str = field(default="", metadata={"help": "several runs side by side: comma-separated seeds (with --methods)"})
+    jobs: int = field(default=os.cpu_count() or 1, metadata={"help": "with --methods/--seeds: runs at once (one core each)"})
+    threads: int = field(default=0, metadata={"help": "torch threads of this process; 0 = torch's default (all cores)"})
 
 
 def fisher_diagonal(model, dataset, pools, args, device, autocast):
@@ -93,7 +102,7 @@ def command_line(args):
     """The command that reproduces a run: `python finetune.py` and the flags that differ from the defaults."""
     flags = []
     for name, value in asdict(args).items():
-        if name in ("resume", "device") or value == Args.__dataclass_fields__[name].default:
+        if name in RUN_CONTROL - {"run_dir"} or value == Args.__dataclass_fields__[name].default:
             continue
         flag = "--" + name.replace("_", "-")
         flags.append(flag if value is True else "--no-" + flag[2:] if value is False else f"{flag} {value}")
@@ -108,34 +117,103 @@ def set_training(model, frozen_eval):
         model.pool.train()  # the count penalty and the selection counts are training-time behaviour
 
 
+def default_run_dir(method, tasks, seed):
+    return os.path.join("runs", f"{method}-{tasks.replace(',', '+')}-s{seed}")
+
+
+def launch(args):
+    """--methods/--seeds: one process per (method, seed), --jobs at a time, each with one torch thread (two 1-thread
+    runs were 1.4-1.5x the throughput of one 2-thread run on 2 cores), logging to <run-dir>/log.txt."""
+    methods = [m for m in (args.methods or args.method).split(",") if m]
+    seeds = [int(s) for s in (args.seeds or str(args.seed)).split(",") if s]
+    shared = [f for f in command_line(args).split()[2:]]  # the flags this command set, minus the grid's own
+    for name in ("--method", "--seed", "--run-dir"):
+        while name in shared:
+            i = shared.index(name)
+            del shared[i : i + 2]
+    runs = []
+    for method in methods:
+        for seed in seeds:
+            run_dir = default_run_dir(method, args.tasks, seed)
+            os.makedirs(run_dir, exist_ok=True)
+            argv = [sys.executable, sys.argv[0], "--method", method, "--seed", str(seed), "--run-dir", run_dir,
+                    "--threads", "1", *shared] + (["--resume"] if args.resume else []) + (["--overwrite"] if args.overwrite else [])
+            runs.append((run_dir, argv))
+    print(f"{len(runs)} runs, {min(args.jobs, len(runs))} at a time: " + ", ".join(r for r, _ in runs))
+    running, failed = [], []
+    while runs or running:
+        while runs and len(running) < args.jobs:
+            run_dir, argv = runs.pop(0)
+            log = open(os.path.join(run_dir, "log.txt"), "a")
+            running.append((run_dir, subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT), log))
+            print(f"started {run_dir}: {' '.join(argv[1:])} > {run_dir}/log.txt")
+        time.sleep(1.0)
+        for item in [r for r in running if r[1].poll() is not None]:
+            running.remove(item)
+            item[2].close()
+            print(f"{'finished' if item[1].returncode == 0 else 'FAILED'} {item[0]} (see {item[0]}/log.txt)")
+            if item[1].returncode != 0:
+                failed.append(item[0])
+    if failed:
+        sys.exit(f"finetune.py: error: {len(failed)} runs failed: {', '.join(failed)}")
+
+
+def attach_method(model, args, n_tasks, device):
+    """Freeze the backbone and attach a pool for the modulation methods. -> the pool's settings, or None."""
+    if args.method not in FROZEN_BACKBONE:
+        return None
+    for p in model.parameters():  # every pre-trained weight, the action head included
+        p.requires_grad_(False)
+    pool_args = dict(pool_size=1 if args.method == "lora" else args.pool_size, rank=args.rank, alpha=args.alpha,
+                     n_groups=n_tasks if args.method == "l2m-oracle" else 0)
+    model.pool = ModulationPool(model.cfg.n_layer, model.cfg.n_embd, **pool_args).to(device)
+    return pool_args
+
+
+def load_inputs(args, run_dir):
+    """Everything a run reads, checked before any training: -> (pre-trained ckpt, resumed ckpt or None, task data)."""
+    out = os.path.join(run_dir, "ckpt.pt")
+    if args.method not in METHODS:
+        raise ValueError(f"unknown --method {args.method!r}: use one of {', '.join(METHODS)}")
+    if min(args.steps_per_task, args.batch_size, args.eval_episodes, args.rank, args.pool_size) < 1 or args.lr <= 0:
+        raise ValueError("--steps-per-task, --batch-size, --eval-episodes, --rank and --pool-size must be at least 1 "
+                         "and --lr positive")
+    names = resolve_tasks(args.tasks)
+    use_bf16(args.precision, resolve_device(args.device))
+    if args.method == "l2m-oracle" and args.pool_size < len(names):
+        raise ValueError(f"l2m-oracle splits the pool into one group per task: --pool-size {args.pool_size} < {len(names)} tasks")
+    pretrained = load_checkpoint(args.ckpt)
+    if "model_args" not in pretrained or "tasks" not in pretrained or "pretrained" in pretrained:
+        raise ValueError(f"{args.ckpt} is not a pre-training checkpoint of pretrain.py")
+    resumed = None
+    if os.path.exists(out) and not args.bench and not args.overwrite:
+        if not args.resume:
+            raise ValueError(f"{run_dir} already holds a run: --resume continues it, --overwrite replaces it, "
+                             f"--run-dir puts this one elsewhere")
+        resumed = load_checkpoint(out)
+        made_with = {**asdict(Args()), **resumed["args"]}  # a setting newer than the checkpoint: its default
+        differs = [f"--{k.replace('_', '-')} {made_with[k]!r} (checkpoint) vs {v!r} (now)"
+                   for k, v in asdict(args).items() if k not in RUN_CONTROL and made_with[k] != v]
+        if differs:
+            raise ValueError(f"cannot resume {out}: it was made with other settings: {'; '.join(differs)}")
+    margs, data = pretrained["model_args"], []
+    for name in names:  # every task's data up front: a missing or mismatched file fails before any training
+        tasks, dataset, pools, _ = load_data([name], args.data_dir, 0, margs["context_len"], margs["act_dim"],
+                                             margs["n_bins"], args.seed + len(data))
+        data.append((tasks[0], dataset, pools))
+    return pretrained, resumed, data
+
+
 def main(args):
+    if args.methods or args.seeds:
+        return launch(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-    run_dir = args.run_dir or os.path.join("runs", f"{args.method}-{args.tasks.replace(',', '+')}")
+    run_dir = args.run_dir or default_run_dir(args.method, args.tasks, args.seed)
     out = os.path.join(run_dir, "ckpt.pt")
     try:
-        if args.method not in METHODS:
-            raise ValueError(f"unknown --method {args.method!r}: use one of {', '.join(METHODS)}")
-        names = resolve_tasks(args.tasks)
-        bf16 = use_bf16(args.precision, device)
-        if args.method == "l2m-oracle" and args.pool_size < len(names):
-            raise ValueError(f"l2m-oracle splits the pool into one group per task: --pool-size {args.pool_size} < {len(names)} tasks")
-        pretrained = load_checkpoint(args.ckpt)
-        if "model_args" not in pretrained or "tasks" not in pretrained or "pretrained" in pretrained:
-            raise ValueError(f"{args.ckpt} is not a pre-training checkpoint of pretrain.py")
-        cfg_act_dim = pretrained["model_args"]["act_dim"]
-        resumed = None
-        if args.resume and os.path.exists(out):
-            resumed = load_checkpoint(out)
-            made_with = {**asdict(Args()), **resumed["args"]}  # a setting newer than the checkpoint: its default
-            differs = [f"--{k.replace('_', '-')} {made_with[k]!r} (checkpoint) vs {v!r} (now)"
-                       for k, v in asdict(args).items() if k not in RUN_CONTROL and made_with[k] != v]
-            if differs:
-                raise ValueError(f"cannot resume {out}: it was made with other settings: {'; '.join(differs)}")
-        data = []
-        for name in names:  # every task's data up front: a missing or mismatched file fails before any training
-            tasks, dataset, pools, _ = load_data([name], args.data_dir, 0, pretrained["model_args"]["context_len"],
-                                                 cfg_act_dim, pretrained["model_args"]["n_bins"], args.seed + len(data))
-            data.append((tasks[0], dataset, pools))
+        pretrained, resumed, data = load_inputs(args, run_dir)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"finetune.py: error: {e}")
     sequence = [task for task, _, _ in data]
@@ -144,30 +222,26 @@ def main(args):
     # --- the model: pre-trained backbone, plus a pool for the modulation methods ------------------------------
     torch.manual_seed(args.seed)
     model = build_model(pretrained, device)
-    if args.method in FROZEN_BACKBONE:
-        for p in model.parameters():  # every pre-trained weight, the action head included
-            p.requires_grad_(False)
-        pool_args = dict(pool_size=1 if args.method == "lora" else args.pool_size, rank=args.rank, alpha=args.alpha,
-                         n_groups=n_tasks if args.method == "l2m-oracle" else 0)
-        model.pool = ModulationPool(model.cfg.n_layer, model.cfg.n_embd, **pool_args).to(device)
-    else:
-        pool_args = None
+    pool_args = attach_method(model, args, n_tasks, device)
     frozen_eval = args.method in FROZEN_BACKBONE and not args.frozen_dropout
     set_training(model, frozen_eval)
     anchor = importance = None  # l2/ewc: weights after the previous task, and their (summed) Fisher
-    success, stages, first_task = [], [], 0
+    success, success_any, stages, first_task = [], [], [], 0
     if resumed is not None:
         model.load_state_dict({**model.state_dict(), **resumed["model"]})
         anchor, importance = resumed.get("anchor"), resumed.get("importance")
-        success, stages, first_task = resumed["success"], resumed["stages"], len(resumed["success"])
+        success, success_any, stages = resumed["success"], resumed["success_any"], resumed["stages"]
+        first_task = len(success)
         torch.set_rng_state(resumed["rng"])
         print(f"resuming {out} after task {first_task}/{n_tasks}")
 
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    print(f"{args.method} on {n_tasks} tasks: {trainable:,} trainable of {total:,} parameters ({trainable / total:.1%}) | {device}")
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    print(f"{args.method} on {n_tasks} tasks: {trainable:,} trainable of {total:,} parameters ({trainable / total:.1%}) | "
+          f"{device}, {torch.get_num_threads()} threads")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16(args.precision, device))
     oracle = args.method == "l2m-oracle"
+    tokens_per_step = args.batch_size * model.cfg.context_len * model.cfg.tokens_per_step
     start_all = time.perf_counter()
 
     for task_index in range(first_task, n_tasks):
@@ -179,9 +253,8 @@ def main(args):
         # moving on their momentum while the next task trains (zero gradient, non-zero update); fresh moments leave
         # every entry the new task does not select bit-identical. The authors keep one optimizer for the sequence.
         optimizer = model.configure_optimizer(args.lr, args.weight_decay)
-        start, losses = time.perf_counter(), []
-        bar = tqdm(range(args.steps_per_task), desc=f"task {task_index + 1}/{n_tasks} {task['name']}", dynamic_ncols=True)
-        for step in bar:
+
+        def train_step():
             b = {k: v.to(device, non_blocking=True) for k, v in dataset.sample(args.batch_size, pools).items()}
             with autocast:
                 logits, routing = model(b["states"], b["returns"], b["action_bins"], b["rewards"], b["timesteps"],
@@ -196,6 +269,14 @@ def main(args):
             objective.backward()
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.grad_clip)
             optimizer.step()
+            return loss, accuracy, routing
+
+        if args.bench:
+            return bench(model, sequence, train_step, args, tokens_per_step, device, oracle)
+        start, losses = time.perf_counter(), []
+        bar = tqdm(range(args.steps_per_task), desc=f"task {task_index + 1}/{n_tasks} {task['name']}", dynamic_ncols=True)
+        for step in bar:
+            loss, accuracy, routing = train_step()
             losses.append(loss.item())
             if step % 10 == 0:
                 used = f" entries {sorted(set(routing['index'].tolist()))}" if routing is not None and model.pool.size > 1 else ""
@@ -210,28 +291,49 @@ def main(args):
 
         model.eval()
         start = time.perf_counter()
-        results = evaluate_tasks(model, sequence, args.eval_episodes, device,
-                                 task_ids=list(range(n_tasks)) if oracle else None, desc=f"eval after {task['name']}")
+        results = evaluate_tasks(model, sequence, args.eval_episodes, device, list(range(n_tasks)) if oracle else None)
         set_training(model, frozen_eval)
         success.append([r["success"] for r in results])
+        success_any.append([r["success_any"] for r in results])
         stages.append(dict(task=task["name"], train_loss=float(np.mean(losses[-100:])), train_seconds=train_seconds,
                            eval_seconds=time.perf_counter() - start, results=results))
-        row = " ".join(f"{s:.1f}" for s in success[-1])
-        print(f"after {task['name']}: loss {stages[-1]['train_loss']:.3f} | success [{row}] | "
-              f"{train_seconds:.0f} s training ({args.steps_per_task / train_seconds:.1f} steps/s), "
-              f"{stages[-1]['eval_seconds']:.0f} s evaluating")
+        print(f"after {task['name']}: loss {stages[-1]['train_loss']:.3f} | success at the last step "
+              f"[{' '.join(f'{s:.1f}' for s in success[-1])}], any step [{' '.join(f'{s:.1f}' for s in success_any[-1])}] | "
+              f"{train_seconds:.0f} s training ({args.steps_per_task / train_seconds:.1f} steps/s, "
+              f"{1e3 * train_seconds / args.steps_per_task:.0f} ms/step), {stages[-1]['eval_seconds']:.0f} s evaluating")
 
         state = {n: v for n, v in model.state_dict().items() if n.startswith("pool.")} if pool_args else model.state_dict()
         save_atomic(dict(
             kind="finetune", method=args.method, args=asdict(args), command=command_line(args), model_args=pretrained["model_args"],
             pretrained=dict(path=os.path.abspath(args.ckpt), step=pretrained["step"]), pool_args=pool_args,
-            model=state, tasks=sequence, success=success, stages=stages,
+            model=state, tasks=sequence, success=success, success_any=success_any, stages=stages,
             anchor=anchor, importance=importance, rng=torch.get_rng_state(), trainable_params=trainable,
         ), out)
 
     report = write_sequence_report(run_dir, load_checkpoint(out))
     print(report)
     print(f"{time.perf_counter() - start_all:.0f} s in all | wrote {out} and {run_dir}/results.json, results.md, *.png")
+
+
+def bench(model, sequence, train_step, args, tokens_per_step, device, oracle):
+    """--bench N: ms/step and tokens/s of N training steps (after 3 warm-up steps), then one evaluation of the
+    sequence with its model/simulator split. Writes nothing."""
+    for _ in range(3):
+        train_step()
+    start = time.perf_counter()
+    for _ in range(args.bench):
+        train_step()
+    seconds = (time.perf_counter() - start) / args.bench
+    print(f"bench {args.method}: {seconds * 1e3:.1f} ms/step, {tokens_per_step / seconds:,.0f} tokens/s "
+          f"(batch {args.batch_size}, {torch.get_num_threads()} threads)")
+    model.eval()
+    timings, start = [], time.perf_counter()
+    results = evaluate_tasks(model, sequence, args.eval_episodes, device, list(range(len(sequence))) if oracle else None, timings)
+    total = time.perf_counter() - start
+    steps = sum(r["env_steps"] for r in results)
+    build_s, model_s, env_s = (sum(t[k] for t in timings) for k in ("build_seconds", "model_seconds", "env_seconds"))
+    print(f"bench evaluation: {steps:,} env steps in {total:.1f} s | building envs {build_s / total:.0%}, "
+          f"model {model_s / total:.0%}, simulator {env_s / total:.0%}")
 
 
 if __name__ == "__main__":

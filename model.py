@@ -93,17 +93,15 @@ class ModulationPool(nn.Module):
 
     def select(self, query, task_ids=None):
         """query (B, C) -> entry index (B,), cosine similarity to every key (B, P)."""
-        sim = F.normalize(query.float(), dim=-1) @ F.normalize(self.keys.float(), dim=-1).T  # (B, P)
-        score = sim
-        if self.training and self.penalize:
-            score = (sim + 1.0) / 2.0 * self.inv_counts  # (B, P)
+        with torch.autocast(query.device.type, enabled=False):  # fp32 even under bf16 autocast, as the authors
+            sim = F.normalize(query.float(), dim=-1) @ F.normalize(self.keys.float(), dim=-1).T  # (B, P)
+            score = sim
+            if self.training and self.penalize:
+                score = (sim + 1.0) / 2.0 * self.inv_counts  # (B, P)
         if self.n_groups > 0:  # oracle: only the entries of the sample's own task group
             group = torch.arange(self.size, device=sim.device) // (self.size // self.n_groups)  # (P,)
             score = score.masked_fill(group[None, :] != task_ids[:, None], float("-inf"))
-        if self.size == 1:
-            index = torch.zeros(len(query), dtype=torch.long, device=query.device)
-        else:
-            index = score.argmax(dim=-1)  # (B,)
+        index = score.argmax(dim=-1)  # (B,) L2M: top-1
         if self.training:
             histogram = torch.bincount(index, minlength=self.size).float() / len(index)  # (P,)
             self.n_batches += 1
@@ -111,17 +109,33 @@ class ModulationPool(nn.Module):
         return index, sim
 
     def gather(self, index):
-        """Each sample's own modulators, per layer: a list of L dicts of (B, in, r) / (B, r, out) tensors."""
-        return [
-            dict(q_a=self.q_a[index, l], q_b=self.q_b[index, l], v_a=self.v_a[index, l], v_b=self.v_b[index, l],
-                 mlp_a=self.mlp_a[index, l], mlp_b=self.mlp_b[index, l], scale=self.scale)
-            for l in range(self.q_a.shape[1])
-        ]
+        """The modulators of the entries this batch uses, as dense matrices, and each sample's 0/1 selector.
+
+        A batch uses a few entries (U, often 1). Applying those U entries to the whole batch with one matmul each and
+        zeroing the columns of other samples' entries is exact, and much cheaper on a CPU than B tiny per-sample
+        matmuls whose gathers copy one entry per sample (measured: README, Performance).
+        -> a list of L dicts: q_a/v_a (C, U*r), mlp_a (4C, U*r), q_b/v_b (U*r, C), mlp_b (U*r, 4C), select (B, U*r)."""
+        used, slot = torch.unique(index, return_inverse=True)  # (U,), (B,): the entries in use, each sample's slot
+        r = self.q_a.shape[-1]
+        select = F.one_hot(slot, len(used)).bool().repeat_interleave(r, dim=1)  # (B, U*r)
+        a = [p[used].permute(1, 2, 0, 3).flatten(2) for p in (self.q_a, self.v_a, self.mlp_a)]  # (L, in, U*r) each
+        b = [p[used].permute(1, 0, 2, 3).flatten(1, 2) for p in (self.q_b, self.v_b, self.mlp_b)]  # (L, U*r, out) each
+        return [dict(q_a=a[0][l], v_a=a[1][l], mlp_a=a[2][l], q_b=b[0][l], v_b=b[1][l], mlp_b=b[2][l],
+                     select=select, scale=self.scale) for l in range(self.q_a.shape[1])]
 
 
-def low_rank(x, a, b, scale):
-    """Per-sample low-rank residual s * (x A) B: x (B, T, in), a (B, in, r), b (B, r, out) -> (B, T, out)."""
-    return scale * torch.bmm(torch.bmm(x, a), b)
+def low_rank(x, a, b, select, scale):
+    """Per-sample low-rank residual s * (x A_i) B_i: x (B, T, in), a (in, U*r), b (U*r, out), select (B, U*r) -> (B, T, out).
+    x @ a computes every used entry's r columns for every sample; select keeps each sample's own."""
+    return scale * ((x @ a) * select[:, None, :]) @ b
+
+
+def dropout(x, p, training):
+    """Inverted dropout whose keep-mask is drawn as uniform >= p: the same Bernoulli(1 - p) distribution as
+    F.dropout, but torch's bernoulli_ runs serially on a CPU and took a quarter of a bf16 pre-training step."""
+    if not training or p == 0.0:
+        return x
+    return x * (torch.rand(x.shape, device=x.device) >= p) * (1.0 / (1.0 - p))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -133,8 +147,7 @@ class CausalSelfAttention(nn.Module):
         self.n_head = cfg.n_head
         self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
-        self.dropout = cfg.dropout
-        self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.dropout = cfg.dropout  # on the attention weights and on the output
 
     def forward(self, x, attn_mask, mod=None, cache=None):
         """x (B, T, C); attn_mask (B, 1, T, T_all) bool, True = may attend; mod: this layer's modulators or None;
@@ -142,16 +155,21 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=-1)  # (B, T, C) each
         if mod is not None:  # L2M: low-rank modulation of the query and value projections
-            q = q + low_rank(x, mod["q_a"], mod["q_b"], mod["scale"])
-            v = v + low_rank(x, mod["v_a"], mod["v_b"], mod["scale"])
+            q = q + low_rank(x, mod["q_a"], mod["q_b"], mod["select"], mod["scale"])
+            v = v + low_rank(x, mod["v_a"], mod["v_b"], mod["select"], mod["scale"])
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T, C/H)
         if cache is not None:
             if "k" in cache:
                 k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)  # (B, H, T_all, C/H)
             cache["k"], cache["v"] = k, v
-        dropout = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)  # (B, H, T, C/H)
-        return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, C)))
+        p = self.dropout if self.training else 0.0
+        if q.device.type == "cuda":  # fused kernels
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)  # (B, H, T, C/H)
+        else:  # written out: on a CPU at our shapes, SDPA's kernels were 2-7x slower in bf16 (README, Performance)
+            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.shape[-1]))  # (B, H, T, T_all)
+            att = att.masked_fill(~attn_mask, float("-inf")).softmax(dim=-1)
+            y = dropout(att, p, self.training) @ v  # (B, H, T, C/H)
+        return dropout(self.proj(y.transpose(1, 2).reshape(B, T, C)), self.dropout, self.training)
 
 
 class MLP(nn.Module):
@@ -159,13 +177,13 @@ class MLP(nn.Module):
         super().__init__()
         self.fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd)
         self.proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = cfg.dropout
 
     def forward(self, x, mod=None):
         u = self.fc(x)  # (B, T, 4C)
         if mod is not None:  # L2M: low-rank residual on the hidden pre-activations, u + s (u A) B (MLPIA3.forward)
-            u = u + low_rank(u, mod["mlp_a"], mod["mlp_b"], mod["scale"])
-        return self.dropout(self.proj(F.gelu(u)))
+            u = u + low_rank(u, mod["mlp_a"], mod["mlp_b"], mod["select"], mod["scale"])
+        return dropout(self.proj(F.gelu(u)), self.dropout, self.training)
 
 
 class Block(nn.Module):
@@ -196,7 +214,6 @@ class DecisionTransformer(nn.Module):
         self.embed_action = nn.Embedding(cfg.n_bins + 1, C)  # one table shared by all action dims; index n_bins = pad
         self.embed_timestep = nn.Embedding(cfg.max_ep_len, C)
         self.embed_ln = nn.LayerNorm(C)
-        self.embed_dropout = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
         self.ln_f = nn.LayerNorm(C)
         self.action_head = nn.Linear(C, cfg.n_bins)  # one head for every action dim
@@ -253,7 +270,7 @@ class DecisionTransformer(nn.Module):
         B, K = returns.shape
         tokens = self.embed(states, returns, action_bins, rewards, timesteps)  # (B, T, C)
         mods, routing = self.modulators(tokens, step_mask, task_ids)
-        x = self.embed_dropout(tokens)
+        x = dropout(tokens, self.cfg.dropout, self.training)
         mask = self.attention_mask(step_mask)
         for layer, block in enumerate(self.blocks):
             x = block(x, mask, mods[layer] if mods else None)

@@ -491,40 +491,48 @@ def test_continual_metrics_on_a_hand_made_matrix():
     m = evaluate.continual_metrics(S, reference=[0.5, 0.6, 0.0])
     assert m["average"] == pytest.approx((0.4 + 0.3 + 1.0) / 3)
     assert m["forgetting"] == pytest.approx(((0.8 - 0.4) + (0.6 - 0.3) + 0.0) / 3)
-    assert m["forward_transfer"] == pytest.approx(((0.8 - 0.5) + (0.6 - 0.6) + (1.0 - 0.0)) / 3)
+    assert m["gap_to_reference"] == pytest.approx(((0.8 - 0.5) + (0.6 - 0.6) + (1.0 - 0.0)) / 3)
     with pytest.raises(ValueError, match="square"):
         evaluate.continual_metrics([[0.1, 0.2]])
 
 
 def test_compare_runs_averages_seeds_per_method(tmp_path):
-    def fake_run(name, method, success, retained=None, seed=0, frozen_dropout=False, command=None):
+    def fake_run(name, method, success, success_any, retained=None, seed=0, frozen_dropout=False, command=None,
+                 tasks=("hammer-v3", "push-wall-v3")):
         run = tmp_path / name
         run.mkdir()
         stages = [dict(train_seconds=60.0, eval_seconds=30.0)] * len(success)
         (run / "results.json").write_text(json.dumps(dict(
-            method=method, success=success, metrics=dict(final_step_success=0.5), trainable_params=1234, command=command,
+            method=method, tasks=list(tasks), success=success, success_any=success_any, metrics={},
+            trainable_params=1234, command=command, stages=stages,
             args=dict(ckpt=str(tmp_path / "pretrain" / "ckpt.pt"), seed=seed, run_dir=name,
-                      frozen_dropout=frozen_dropout, tasks="cw10"),
-            stages=stages)))
+                      frozen_dropout=frozen_dropout, tasks="cw10"))))
         if retained is not None:
             (run / "retain10").mkdir()
-            (run / "retain10" / "results.json").write_text(json.dumps(dict(results=[dict(success=s) for s in retained])))
+            (run / "retain10" / "results.json").write_text(json.dumps(dict(
+                results=[dict(success=s, success_any=s + 0.1) for s in retained])))
         return str(run)
 
-    runs = [fake_run("ft0", "ft", [[1.0, 0.0], [0.0, 1.0]], retained=[0.0, 0.2]),
-            fake_run("ft1", "ft", [[1.0, 0.0], [0.4, 0.6]], retained=[0.2, 0.2], seed=1,
+    runs = [fake_run("ft0", "ft", [[1.0, 0.0], [0.0, 1.0]], [[1.0, 0.0], [0.2, 1.0]], retained=[0.0, 0.2]),
+            fake_run("ft1", "ft", [[1.0, 0.0], [0.4, 0.6]], [[1.0, 0.0], [0.6, 0.8]], retained=[0.2, 0.2], seed=1,
                      command="python finetune.py --method ft --seed 1"),
-            fake_run("l2m0", "l2m", [[0.6, 0.0], [0.6, 0.8]]),
-            fake_run("l2m-dropout", "l2m", [[0.2, 0.0], [0.2, 0.2]], frozen_dropout=True)]
+            fake_run("l2m0", "l2m", [[0.6, 0.0], [0.6, 0.8]], [[0.6, 0.0], [0.6, 0.8]]),
+            fake_run("l2m-dropout", "l2m", [[0.2, 0.0], [0.2, 0.2]], [[0.2, 0.0], [0.2, 0.2]], frozen_dropout=True)]
     table = evaluate.compare_runs(runs, reference_dir=runs[2])
+    assert "| success (last step) | paper | success (any step) | forgetting | gap to l2m (end of task) |" in table
     ft, l2m, dropout = [line for line in table.splitlines() if line.startswith("| ft ") or line.startswith("| l2m ")]
-    # ft: average 0.5 and 0.5; forgetting 0.5 and 0.3; forward transfer against the diagonal (0.6, 0.8): 0.3 and 0.1
-    assert ft == "| ft | 2 | 0.50 ± 0.00 | – | 0.40 ± 0.10 | 0.20 ± 0.10 | 0.50 ± 0.00 | 0.15 ± 0.05 | 1,234 | 3 ± 0 |"
-    assert l2m == "| l2m (frozen_dropout=False) | 1 | 0.70 | 0.65 | 0.00 | 0.00 | 0.50 | – | 1,234 | 3 |"  # paper: L2M 0.65
-    assert dropout.startswith("| l2m (frozen_dropout=True) | 1 | 0.20 | 0.65 | 0.00 |"), "another setting is another row"
+    # ft: last step 0.5 and 0.5, any step 0.6 and 0.7; forgetting 0.5 and 0.3; gap to the diagonal (0.6, 0.8): 0.3, 0.1;
+    # retention 0.1 and 0.2 (last step), 0.2 and 0.3 (any step)
+    assert ft == ("| ft | 2 | 0.50 ± 0.00 | – | 0.65 ± 0.05 | 0.40 ± 0.10 | 0.20 ± 0.10 | 0.15 ± 0.05 | 0.25 ± 0.05 "
+                  "| 1,234 | 3 ± 0 |")
+    assert l2m == "| l2m (frozen_dropout=False) | 1 | 0.70 | 0.65 | 0.70 | 0.00 | 0.00 | – | – | 1,234 | 3 |"  # paper 0.65
+    assert dropout.startswith("| l2m (frozen_dropout=True) | 1 | 0.20 | 0.65 | 0.20 | 0.00 |"), "another setting, another row"
     assert "- ft, seed 1: `python finetune.py --method ft --seed 1`" in table
     with pytest.raises(FileNotFoundError, match="finished finetune.py run"):
         evaluate.compare_runs([str(tmp_path / "nowhere")])
+    other = fake_run("one-task", "l2m-oracle", [[1.0]], [[1.0]], tasks=("hammer-v3",))
+    with pytest.raises(ValueError, match="compare runs of one sequence"):
+        evaluate.compare_runs(runs[:1], reference_dir=other)
 
 
 def test_l2_and_ewc_penalties_are_zero_at_the_anchor_and_positive_away():
