@@ -109,24 +109,36 @@ class ModulationPool(nn.Module):
         return index, sim
 
     def gather(self, index):
-        """The modulators of the entries this batch uses, as dense matrices, and each sample's 0/1 selector.
+        """Each sample's modulators, per layer: a list of L dicts q_a, q_b, v_a, v_b, mlp_a, mlp_b, select, scale.
 
-        A batch uses a few entries (U, often 1). Applying those U entries to the whole batch with one matmul each and
-        zeroing the columns of other samples' entries is exact, and much cheaper on a CPU than B tiny per-sample
-        matmuls whose gathers copy one entry per sample (measured: README, Performance).
-        -> a list of L dicts: q_a/v_a (C, U*r), mlp_a (4C, U*r), q_b/v_b (U*r, C), mlp_b (U*r, 4C), select (B, U*r)."""
+        A training batch uses a few entries (U, often 1). Applying those U entries to the whole batch, one matmul each,
+        and zeroing the columns of other samples' entries (select (B, U*r)) is exact and much cheaper on a CPU than B
+        tiny per-sample matmuls, whose gathers copy one entry per sample forward and scatter it back in backward
+        (measured: README, Performance). When many entries are in use (acting on many tasks at once) that wastes U
+        times the work, so then each sample gets its own matrices (B, in, r) / (B, r, out) and select is None."""
         used, slot = torch.unique(index, return_inverse=True)  # (U,), (B,): the entries in use, each sample's slot
-        r = self.q_a.shape[-1]
+        L, r = self.q_a.shape[1], self.q_a.shape[-1]
+        if len(used) > DENSE_ENTRIES:
+            return [dict(q_a=self.q_a[index, l], q_b=self.q_b[index, l], v_a=self.v_a[index, l], v_b=self.v_b[index, l],
+                         mlp_a=self.mlp_a[index, l], mlp_b=self.mlp_b[index, l], select=None, scale=self.scale)
+                    for l in range(L)]
         select = F.one_hot(slot, len(used)).bool().repeat_interleave(r, dim=1)  # (B, U*r)
         a = [p[used].permute(1, 2, 0, 3).flatten(2) for p in (self.q_a, self.v_a, self.mlp_a)]  # (L, in, U*r) each
         b = [p[used].permute(1, 0, 2, 3).flatten(1, 2) for p in (self.q_b, self.v_b, self.mlp_b)]  # (L, U*r, out) each
         return [dict(q_a=a[0][l], v_a=a[1][l], mlp_a=a[2][l], q_b=b[0][l], v_b=b[1][l], mlp_b=b[2][l],
-                     select=select, scale=self.scale) for l in range(self.q_a.shape[1])]
+                     select=select, scale=self.scale) for l in range(L)]
+
+
+DENSE_ENTRIES = 4  # up to this many entries in a batch, modulators are applied densely (see ModulationPool.gather)
 
 
 def low_rank(x, a, b, select, scale):
-    """Per-sample low-rank residual s * (x A_i) B_i: x (B, T, in), a (in, U*r), b (U*r, out), select (B, U*r) -> (B, T, out).
-    x @ a computes every used entry's r columns for every sample; select keeps each sample's own."""
+    """Per-sample low-rank residual s * (x A_i) B_i -> (B, T, out), for x (B, T, in) and either
+    dense: a (in, U*r), b (U*r, out), select (B, U*r): x @ a computes every used entry's r columns, select keeps the
+           sample's own; or
+    per sample: a (B, in, r), b (B, r, out), select None."""
+    if select is None:
+        return scale * torch.bmm(torch.bmm(x, a), b)
     return scale * ((x @ a) * select[:, None, :]) @ b
 
 

@@ -182,6 +182,20 @@ def test_failed_task_leaves_no_file_and_keeps_the_others(tmp_path):
     assert not any((tmp_path / "reach-v3.npz").iterdir())
 
 
+def test_stop_rule_stands_still_once_solved_and_the_best_rule_is_chosen():
+    from metaworld.policies import ENV_POLICY_MAP
+
+    env, expert = collect.make_env("reach-v3", seed=0), ENV_POLICY_MAP["reach-v3"]()
+    episode = collect.scripted_episode(env, expert, "stop", 0.3, 123, np.random.default_rng(0))
+    solved = next(t for t, (*_, success) in enumerate(episode) if success)
+    grip = episode[solved][1][-1]
+    assert all(np.array_equal(a, [0, 0, 0, grip]) for _, a, *_ in episode[solved + 1 :]), "the arm should stand still"
+    noisy = collect.scripted_episode(env, expert, "none", 0.3, 123, np.random.default_rng(0))
+    assert all(np.array_equal(a, b[1]) for (_, a, *_), b in zip(episode[: solved + 1], noisy)), "same episode until solved"
+    rule, scores = collect.choose_hold_rule(env, expert, [0.0, 0.3], seed=5, episodes=3)
+    assert set(scores) == set(collect.HOLD_RULES) and scores[rule] == max(scores.values())
+
+
 def test_save_npz_is_atomic_on_failure(tmp_path):
     path = tmp_path / "x.npz"
     with pytest.raises(ValueError):  # object arrays cannot be written without pickle: fails mid-write
@@ -253,6 +267,34 @@ def test_action_loss_ignores_padded_tokens():
     scrambled = logits.clone()
     scrambled[~valid] = 100.0
     assert torch.allclose(M.action_loss(scrambled, targets, valid)[0], expected)
+
+
+def test_dropout_mask_drops_a_share_p_and_keeps_the_mean():
+    x = torch.ones(1_000_000)
+    y = M.dropout(x, 0.1, training=True)
+    assert (y == 0).float().mean().item() == pytest.approx(0.1, abs=0.002)
+    assert y.mean().item() == pytest.approx(1.0, abs=0.005)
+    assert M.dropout(x, 0.1, training=False) is x
+
+
+def test_cpu_attention_equals_scaled_dot_product_attention():
+    net, b = tiny_model(), random_batch()
+    attn, C = net.blocks[0].attn, net.cfg.n_embd
+    x = torch.randn(6, 35, C)
+    mask = net.attention_mask(b["step_mask"])
+    q, k, v = (t.view(6, 35, 2, C // 2).transpose(1, 2) for t in attn.qkv(x).split(C, dim=-1))
+    reference = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    reference = attn.proj(reference.transpose(1, 2).reshape(6, 35, C))
+    assert torch.allclose(attn(x, mask), reference, atol=1e-6)
+
+
+def test_routing_runs_in_fp32_under_bf16_autocast():
+    net, b = tiny_model(pool_size=30), random_batch(B=64, seed=3)
+    query = net.query(net.embed(b["states"], b["returns"], b["action_bins"], b["rewards"], b["timesteps"]), b["step_mask"])
+    index, sim = net.pool.select(query)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        index_bf16, sim_bf16 = net.pool.select(query)
+    assert sim_bf16.dtype == torch.float32 and torch.equal(sim, sim_bf16) and torch.equal(index, index_bf16)
 
 
 def test_tokenizer_round_trip():
@@ -698,3 +740,64 @@ def test_all_four_stages_run_as_scripts(pipeline):
     assert "average success" in proc.stdout and "| after \\ on | reach | window-close |" in proc.stdout  # the run's CW table
     results = json.loads((run / "eval" / "results.json").read_text())["results"]
     assert [r["task"] for r in results] == ["reach-v3", "window-close-v3"] and len(results[0]["routing"]) == 1
+
+
+class ScriptedSuccessEnv:
+    """Succeeds only at steps 3 and 4 of an episode: success at some step but not at the last."""
+
+    horizon = 200
+
+    def reset(self, seed=None):
+        self.t = 0
+        return np.zeros(39, np.float32), {}
+
+    def step(self, action):
+        self.t += 1
+        return np.zeros(39, np.float32), 1.0, False, self.t == self.horizon, {"success": self.t in (3, 4)}
+
+
+def test_success_is_scored_at_the_last_step_and_at_any_step(monkeypatch):
+    monkeypatch.setattr(evaluate, "make_env", lambda name, seed=0: ScriptedSuccessEnv())
+    monkeypatch.setattr(evaluate, "_ENVS", {})
+    task = dict(name="reach-v3", act_dim=4, reward_scale=200.0, target_return=200.0)
+    (result,) = evaluate.evaluate_tasks(tiny_model(), [task], 2, torch.device("cpu"))
+    assert result["success"] == 0.0 and result["success_any"] == 1.0 and result["mean_return"] == 200.0
+
+
+def test_lockstep_evaluation_of_several_tasks_equals_one_task_at_a_time():
+    net = tiny_model(pool_size=3)
+    with torch.no_grad():
+        net.pool.q_b.normal_(0, 0.3)
+    tasks = [dict(name=n, act_dim=4, reward_scale=200.0, target_return=1500.0) for n in ("reach-v3", "window-close-v3")]
+    together = evaluate.evaluate_tasks(net, tasks, 2, torch.device("cpu"))
+    alone = [evaluate.evaluate_tasks(net, [task], 2, torch.device("cpu"))[0] for task in tasks]  # reused envs, too
+    assert together == alone
+
+
+def test_a_run_folder_is_never_overwritten_without_a_flag(pipeline, l2m_run):
+    with pytest.raises(SystemExit, match="already holds a run: --resume continues it, --overwrite replaces it"):
+        finetune.main(finetune_args(pipeline, "l2m", "l2m"))
+    proc = run_script("pretrain.py", "--tasks", "reach-v3,window-close-v3", "--data-dir", str(pipeline / "data"),
+                      "--out", str(pipeline / "pretrain" / "ckpt.pt"), check=False)
+    assert proc.returncode != 0 and "exists: --resume continues that run, --overwrite replaces it" in proc.stderr
+
+
+def test_bench_times_steps_and_writes_nothing(pipeline, tmp_path, capsys):
+    finetune.main(finetune_args(pipeline, "l2m", "bench", run_dir=str(tmp_path / "bench"), bench=3))
+    out = capsys.readouterr().out
+    assert "ms/step" in out and "tokens/s" in out and "model" in out and not (tmp_path / "bench").exists()
+    proc = run_script("pretrain.py", "--tasks", "reach-v3", "--data-dir", str(pipeline / "data"), "--out",
+                      str(tmp_path / "p" / "ckpt.pt"), "--bench", "2", "--n-layer", "1", "--n-embd", "32", "--n-head", "2")
+    assert "ms/step" in proc.stdout and not (tmp_path / "p").exists()
+
+
+def test_methods_and_seeds_run_side_by_side_each_in_its_own_folder(pipeline, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", [os.path.join(HERE, "finetune.py")])
+    args = finetune_args(pipeline, "lora", "unused", run_dir="", steps_per_task=3, tasks="reach-v3", methods="lora,ft",
+                         seeds="0,1", jobs=2)
+    finetune.main(args)
+    for method in ("lora", "ft"):
+        for seed in (0, 1):
+            run = tmp_path / "runs" / f"{method}-reach-v3-s{seed}"
+            assert json.loads((run / "results.json").read_text())["args"]["seed"] == seed, (run / "log.txt").read_text()
