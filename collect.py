@@ -300,10 +300,13 @@ class SAC(nn.Module):
 # (success at the last step 0.49 vs 0.91 at any step on CW10), while the paper scores the last step and its SAC data
 # stay at the goal. No one rule keeps every task solved (README, Stage 1), so each task gets the rule that kept it
 # solved most often on calibration episodes:
-#   stop    the arm stands still and keeps its grip       push    repeat the action that solved it (keeps pressing)
-#   seek    stand still while solved, the expert if not   expert  the expert without noise
+#   hold    keep the hand where it was when solved, and the grip (a P-controller, the gain of metaworld's experts)
+#   stop    a zero move, keep the grip (the hand still catches up with its mocap target, often a few cm further)
+#   push    repeat the action that solved it (keeps pressing a handle that springs back)
+#   seek    a zero move while solved, the expert if not      expert  the expert without noise
 #   none    the expert with noise, as before it was solved (the old data)
-HOLD_RULES = ("stop", "push", "seek", "expert")
+HOLD_RULES = ("hold", "stop", "push", "seek", "expert")
+HOLD_GAIN = 25.0  # the p of metaworld's scripted policies' move(); 5 and 10 kept fewer tasks solved
 
 
 @dataclass
@@ -392,13 +395,15 @@ def scripted_episode(env, expert, rule, noise_std, reset_seed, rng):
     -> list of (obs, executed action, reward, done, success)."""
     act_dim = env.action_space.shape[0]
     obs, _ = env.reset(seed=reset_seed)
-    solved_by, success, transitions = None, False, []
+    solved_by, solved_at, success, transitions = None, None, False, []  # the action and hand position that solved it
     for t in range(env.horizon):
         noise = noise_std * rng.standard_normal(act_dim)  # drawn every step, so episodes stay seed-aligned
         expert_action = expert.get_action(obs)
         stand_still = None if solved_by is None else np.r_[np.zeros(act_dim - 1), solved_by[-1]]  # keep the grip
         if solved_by is None or rule == "none":
             action = expert_action + noise
+        elif rule == "hold":  # obs[:3] is the hand position
+            action = np.r_[HOLD_GAIN * (solved_at - obs[:3]), solved_by[-1]]
         elif rule == "stop" or (rule == "seek" and success):
             action = stand_still
         elif rule == "push":
@@ -409,7 +414,7 @@ def scripted_episode(env, expert, rule, noise_std, reset_seed, rng):
         next_obs, reward, terminated, truncated, info = env.step(action)
         success = bool(info.get("success", False))
         if success and solved_by is None:
-            solved_by = action
+            solved_by, solved_at = action, next_obs[:3]
         transitions.append((obs, action, reward, terminated or truncated, success))
         obs = next_obs
         if terminated or truncated:
