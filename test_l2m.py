@@ -340,6 +340,21 @@ def test_batched_per_sample_modulation_equals_per_sample_reference():
         assert torch.allclose(logits[i], ref_logits[0], atol=1e-4)
 
 
+def test_dense_and_per_sample_application_of_the_pool_agree(monkeypatch):
+    net, b = tiny_model(pool_size=8), random_batch(B=8)
+    query = net.query(net.embed(b["states"], b["returns"], b["action_bins"], b["rewards"], b["timesteps"]), b["step_mask"])
+    with torch.no_grad():
+        net.pool.keys.copy_(query)  # sample i routes to entry i: 8 entries in one batch
+        for p in (net.pool.q_b, net.pool.v_b, net.pool.mlp_b):
+            p.normal_(0, 0.3)
+    results = {}
+    for dense_entries in (0, 8):  # always per sample, always dense
+        monkeypatch.setattr(M, "DENSE_ENTRIES", dense_entries)
+        results[dense_entries] = forward(net, b)
+    assert torch.equal(results[0][1]["index"], torch.arange(8))
+    assert torch.allclose(results[0][0], results[8][0], atol=1e-5)
+
+
 def test_top1_routing_picks_the_key_equal_to_the_query():
     net, b = tiny_model(pool_size=6), random_batch(B=6)
     query = net.query(net.embed(b["states"], b["returns"], b["action_bins"], b["rewards"], b["timesteps"]), b["step_mask"])
@@ -765,12 +780,16 @@ def test_success_is_scored_at_the_last_step_and_at_any_step(monkeypatch):
 
 
 def test_lockstep_evaluation_of_several_tasks_equals_one_task_at_a_time():
-    net = tiny_model(pool_size=3)
+    torch.manual_seed(0)
+    net = M.DecisionTransformer(M.DTConfig(n_layer=2, n_head=2, n_embd=32, act_dim=4, max_ep_len=1000)).eval()
+    net.pool = M.ModulationPool(2, 32, pool_size=3)
     with torch.no_grad():
         net.pool.q_b.normal_(0, 0.3)
     tasks = [dict(name=n, act_dim=4, reward_scale=200.0, target_return=1500.0) for n in ("reach-v3", "window-close-v3")]
-    together = evaluate.evaluate_tasks(net, tasks, 2, torch.device("cpu"))
-    alone = [evaluate.evaluate_tasks(net, [task], 2, torch.device("cpu"))[0] for task in tasks]  # reused envs, too
+    tasks += [dict(name="cartpole-balance", act_dim=1, reward_scale=100.0, target_return=1000.0),  # another horizon
+              dict(name="finger-turn_easy", act_dim=2, reward_scale=100.0, target_return=1000.0)]  # and action dims
+    together = evaluate.evaluate_tasks(net, tasks, 1, torch.device("cpu"))
+    alone = [evaluate.evaluate_tasks(net, [task], 1, torch.device("cpu"))[0] for task in tasks]  # reused envs, too
     assert together == alone
 
 
