@@ -114,11 +114,12 @@ class ModulationPool(nn.Module):
         A training batch uses a few entries (U, often 1). Applying those U entries to the whole batch, one matmul each,
         and zeroing the columns of other samples' entries (select (B, U*r)) is exact and much cheaper on a CPU than B
         tiny per-sample matmuls, whose gathers copy one entry per sample forward and scatter it back in backward
-        (measured: README, Performance). When many entries are in use (acting on many tasks at once) that wastes U
-        times the work, so then each sample gets its own matrices (B, in, r) / (B, r, out) and select is None."""
+        (measured: README, Performance), even when many entries are in use, as in the first steps of the first task.
+        Acting on many tasks at once without gradients, the dense form would waste U times the work, so there each
+        sample gets its own matrices (B, in, r) / (B, r, out) and select is None."""
         used, slot = torch.unique(index, return_inverse=True)  # (U,), (B,): the entries in use, each sample's slot
         L, r = self.q_a.shape[1], self.q_a.shape[-1]
-        if len(used) > DENSE_ENTRIES:
+        if len(used) > DENSE_ENTRIES and not torch.is_grad_enabled():
             return [dict(q_a=self.q_a[index, l], q_b=self.q_b[index, l], v_a=self.v_a[index, l], v_b=self.v_b[index, l],
                          mlp_a=self.mlp_a[index, l], mlp_b=self.mlp_b[index, l], select=None, scale=self.scale)
                     for l in range(L)]
@@ -129,7 +130,7 @@ class ModulationPool(nn.Module):
                      select=select, scale=self.scale) for l in range(L)]
 
 
-DENSE_ENTRIES = 4  # up to this many entries in a batch, modulators are applied densely (see ModulationPool.gather)
+DENSE_ENTRIES = 4  # acting with more entries than this in a batch, modulators are applied per sample (see gather)
 
 
 def low_rank(x, a, b, select, scale):
