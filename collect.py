@@ -586,7 +586,8 @@ def main(args):
 
     start, summaries, failures = time.perf_counter(), [], {}
     ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no forked torch/mujoco state
-    with ctx.Manager() as manager, tqdm(total=total_steps, unit="step", unit_scale=True, smoothing=0.05) as bar:
+    with ctx.Manager() as manager, tqdm(total=total_steps, unit="step", unit_scale=True, smoothing=0.05,
+                                        disable=not sys.stderr.isatty()) as bar:
         progress = manager.Queue()
         with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
             futures = {

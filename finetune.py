@@ -126,7 +126,7 @@ def launch(args):
     runs were 1.4-1.5x the throughput of one 2-thread run on 2 cores), logging to <run-dir>/log.txt."""
     methods = [m for m in (args.methods or args.method).split(",") if m]
     seeds = [int(s) for s in (args.seeds or str(args.seed)).split(",") if s]
-    shared = [f for f in command_line(args).split()[2:]]  # the flags this command set, minus the grid's own
+    shared = command_line(args).split()[2:] + ["--device", args.device]  # the flags this command set, minus the grid's
     for name in ("--method", "--seed", "--run-dir"):
         while name in shared:
             i = shared.index(name)
@@ -274,13 +274,18 @@ def main(args):
         if args.bench:
             return bench(model, sequence, train_step, args, tokens_per_step, device, oracle)
         start, losses = time.perf_counter(), []
-        bar = tqdm(range(args.steps_per_task), desc=f"task {task_index + 1}/{n_tasks} {task['name']}", dynamic_ncols=True)
+        name = f"task {task_index + 1}/{n_tasks} {task['name']}"
+        bar = tqdm(range(args.steps_per_task), desc=name, dynamic_ncols=True, disable=not sys.stderr.isatty())
         for step in bar:
             loss, accuracy, routing = train_step()
             losses.append(loss.item())
-            if step % 10 == 0:
+            if step % 10 == 0 or step + 1 == args.steps_per_task:
                 used = f" entries {sorted(set(routing['index'].tolist()))}" if routing is not None and model.pool.size > 1 else ""
-                bar.set_postfix_str(f"loss {loss.item():.3f} acc {accuracy.item():.3f}{used}")
+                status = f"loss {loss.item():.3f} acc {accuracy.item():.3f}{used}"
+                bar.set_postfix_str(status)
+                if bar.disable and (step + 1) % 500 == 0:  # a log file gets a plain line instead of a progress bar
+                    ms = 1e3 * (time.perf_counter() - start) / (step + 1)
+                    print(f"{name} | step {step + 1} | {status} | {ms:.0f} ms/step", flush=True)
         train_seconds = time.perf_counter() - start
 
         if args.method in ("l2", "ewc"):  # the next tasks are pulled toward the weights after this one

@@ -318,7 +318,7 @@ def main(args):
                              optimizer=optimizer.state_dict(), rng=rng, step=step, world_size=world_size), args.out)
 
     # --- the training loop ----------------------------------------------------------------------------------
-    bar = tqdm(total=args.steps, initial=step, disable=not is_main, dynamic_ncols=True)
+    bar = tqdm(total=args.steps, initial=step, disable=not (is_main and sys.stderr.isatty()), dynamic_ncols=True)
     start, timed_steps, metrics = time.perf_counter(), 0, None
     while step < args.steps:
         lr = lr_at(step, args)
@@ -327,9 +327,12 @@ def main(args):
         timed_steps += 1
         if is_main:
             seconds = time.perf_counter() - start
-            bar.set_postfix_str(f"loss {loss.item():.3f} acc {accuracy.item():.3f} lr {lr:.1e} "
-                                f"{seconds / timed_steps * 1e3:.0f} ms/step {tokens_per_step * timed_steps / seconds:,.0f} tok/s")
+            status = (f"loss {loss.item():.3f} acc {accuracy.item():.3f} lr {lr:.1e} "
+                      f"{seconds / timed_steps * 1e3:.0f} ms/step {tokens_per_step * timed_steps / seconds:,.0f} tok/s")
+            bar.set_postfix_str(status)
             bar.update()
+            if bar.disable and step % 500 == 0:  # a log file gets a plain line instead of a progress bar
+                print(f"step {step} | {status}", flush=True)
         if (step % args.eval_every == 0 or step == args.steps) and is_main and heldout:
             metrics = heldout_metrics(model, dataset, heldout, device, autocast)
             mean_loss, mean_acc = np.mean([m[0] for m in metrics.values()]), np.mean([m[1] for m in metrics.values()])

@@ -713,6 +713,9 @@ def test_resume_fills_a_setting_newer_than_the_checkpoint_with_its_default(pipel
 
 
 def test_evaluate_a_checkpoint_writes_results(pipeline):
+    proc = run_script("evaluate.py", "--ckpt", str(pipeline / "pretrain" / "ckpt.pt"), "--tasks", "reach", "--episodes", "2",
+                      "--bench")
+    assert "stepping the same envs with the same actions" in proc.stdout and not (pipeline / "pretrain" / "eval").exists()
     proc = run_script("evaluate.py", "--ckpt", str(pipeline / "pretrain" / "ckpt.pt"), "--tasks", "reach", "--episodes", "2")
     assert "env steps/s" in proc.stdout
     results = json.loads((pipeline / "pretrain" / "eval" / "results.json").read_text())["results"]
