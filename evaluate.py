@@ -336,7 +336,7 @@ def compare_runs(run_dirs, reference_dir=""):
         name = label(run)
         by_method.setdefault(name, []).append(row)
         commands.append(f"- {name}, seed {run['args'].get('seed')}: `{run.get('command') or run_dir}`")
-        pretrained.add(os.path.dirname(run["args"]["ckpt"]) or ".")
+        pretrained.add(os.path.join(os.path.dirname(os.path.normpath(run_dir)), "pretrain"))  # beside the run folders
 
     def cell(rows, key, fmt="{:.2f}"):
         values = [r[key] for r in rows if r[key] is not None]
@@ -357,7 +357,7 @@ def compare_runs(run_dirs, reference_dir=""):
         cells += [cell(rows, "retention"), cell(rows, "retention_any"), f"{rows[0]['params']:,}",
                   cell(rows, "minutes", "{:.0f}")]
         lines.append(f"| {method} | {len(rows)} | " + " | ".join(cells) + " |")
-    for directory in sorted(pretrained):
+    for directory in sorted(pretrained):  # <folder>/pretrain/retain10, beside the runs (e.g. runs/pretrain)
         retained = retention(directory)
         if retained is not None:
             lines.append(f"\nRetention (retain10) of the pre-trained model in {directory}: "
