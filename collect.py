@@ -312,11 +312,13 @@ HOLD_GAIN = 25.0  # the p of metaworld's scripted policies' move(); 5 and 10 kep
 @dataclass
 class Args:
     tasks: str = field(default="mt50", metadata={"help": "comma-separated task names and/or list names: " + ", ".join(TASK_LISTS)})
-    source: str = field(default="auto", metadata={"help": "behaviour source: scripted | sac | auto (scripted for Meta-World, sac for DMControl)"})
+    source: str = field(default="auto", metadata={"help": "behaviour source: scripted | sac | auto (scripted for Meta-World, sac for DMControl)",
+                                                  "choices": ("auto", "scripted", "sac")})
     episodes: int = field(default=None, metadata={"help": "episodes recorded per task; for sac also its training budget (episodes x horizon env steps). Default: scripted 100, sac 50"})
     noise_levels: str = field(default="0,0.1,0.3,0.5", metadata={"help": "scripted: Gaussian action-noise stds, one drawn per episode"})
     hold: str = field(default="auto", metadata={"help": "scripted: what the expert does once the task is solved: auto "
-                      "(per task, the rule that keeps it solved most often), " + ", ".join(HOLD_RULES) + ", or none"})
+                      "(per task, the rule that keeps it solved most often), " + ", ".join(HOLD_RULES) + ", or none",
+                      "choices": ("auto", "none", *HOLD_RULES)})
     seed: int = field(default=0, metadata={"help": "base seed; each task's seed is derived from it and the task's name"})
     data_dir: str = field(default="data", metadata={"help": "output directory for <task>.npz"})
     workers: int = field(default=os.cpu_count() or 1, metadata={"help": "parallel worker processes, one task each"})
@@ -328,16 +330,28 @@ class Args:
     sac_lr: float = field(default=3e-4, metadata={"help": "sac: Adam learning rate of actor, critics and temperature"})
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows the script's docstring as written (its examples) and every flag's default."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):
+        """One line that says what is wrong, not the whole usage block."""
+        self.exit(2, f"{self.prog}: error: {message} (--help lists every flag)\n")
+
+
 def parse_args(args_cls, argv=None, description=None):
-    """A stdlib argparse built from a dataclass: one flag per field (--snake-case), its help and default."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    """A stdlib argparse built from a dataclass: one flag per field (--snake-case), its help, default and, where the
+    field's metadata names them, its choices."""
+    parser = ArgumentParser(description=description, formatter_class=HelpFormatter)
     for f in dataclasses.fields(args_cls):
         flag = "--" + f.name.replace("_", "-")
         if f.type in (bool, "bool"):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
         else:
             kind = {"int": int, "float": float, "str": str}.get(f.type, f.type)
-            parser.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"])
+            parser.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"],
+                                choices=f.metadata.get("choices"))
     return args_cls(**vars(parser.parse_args(argv)))
 
 
@@ -628,4 +642,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args(Args, description=__doc__.split("\n")[0]))
+    main(parse_args(Args, description=__doc__))

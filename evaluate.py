@@ -9,9 +9,9 @@ No task id reaches the model unless the method is an oracle.
 
 Examples:
   python evaluate.py --ckpt runs/pretrain/ckpt.pt --tasks reach-v3,push-v3 --episodes 10
-  python evaluate.py --ckpt runs/l2m-cw10/ckpt.pt                 # the sequence's tasks, after the last task
-  python evaluate.py --ckpt runs/l2m-cw10/ckpt.pt --tasks retain10 --out runs/l2m-cw10/retain10   # retention
-  python evaluate.py --compare runs/ft-cw10,runs/l2m-cw10 --reference runs/l2m-oracle-cw10   # the results table
+  python evaluate.py --ckpt runs/l2m-cw10-s0/ckpt.pt               # the sequence's tasks, after the last task
+  python evaluate.py --ckpt runs/l2m-cw10-s0/ckpt.pt --tasks retain10 --out runs/l2m-cw10-s0/retain10   # retention
+  python evaluate.py --compare runs/ft-cw10-s0,runs/l2m-cw10-s0 --reference runs/l2m-oracle-cw10-s0   # the results table
 """
 import json
 import os
@@ -482,4 +482,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args(Args, description=__doc__.split("\n")[0]))
+    main(parse_args(Args, description=__doc__))

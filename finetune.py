@@ -40,7 +40,7 @@ FROZEN_BACKBONE = ("lora", "l2m", "l2m-oracle")
 @dataclass
 class Args:
     ckpt: str = field(default="runs/pretrain/ckpt.pt", metadata={"help": "pre-trained checkpoint (pretrain.py)"})
-    method: str = field(default="l2m", metadata={"help": "one of " + ", ".join(METHODS)})
+    method: str = field(default="l2m", metadata={"help": "the method (see above)", "choices": METHODS})
     tasks: str = field(default="cw10", metadata={"help": "the task sequence, in order (names or list names: cw10, dmc6, ...)"})
     data_dir: str = field(default="data", metadata={"help": "directory of <task>.npz files written by collect.py"})
     run_dir: str = field(default="", metadata={"help": "output directory; empty = runs/<method>-<tasks>-s<seed>"})
@@ -58,7 +58,8 @@ class Args:
     pull_coef: float = field(default=0.5, metadata={"help": "l2m: weight of the key-pull term (pull_constraint_coef)"})
     reg_lambda: float = field(default=400.0, metadata={"help": "l2/ewc: penalty weight (authors' default)"})
     fisher_batches: int = field(default=10, metadata={"help": "ewc: batches for the diagonal Fisher estimate (authors)"})
-    precision: str = field(default="auto", metadata={"help": "auto | bf16 | fp32; auto = bf16 autocast where the hardware has it, else fp32"})
+    precision: str = field(default="auto", metadata={"help": "auto | bf16 | fp32; auto = bf16 autocast where the hardware has it, else fp32",
+                                                     "choices": ("auto", "bf16", "fp32")})
     frozen_dropout: bool = field(default=False, metadata={"help": "lora/l2m: keep dropout on in the frozen backbone (the authors' set_frozen_eval=False); off by default, see README deviation 15"})
     resume: bool = field(default=False, metadata={"help": "continue after the last finished task of --run-dir"})
     overwrite: bool = field(default=False, metadata={"help": "replace a run that --run-dir already holds"})
@@ -342,4 +343,4 @@ def bench(model, sequence, train_step, args, tokens_per_step, device, oracle):
 
 
 if __name__ == "__main__":
-    main(parse_args(Args, description=__doc__.split("\n")[0]))
+    main(parse_args(Args, description=__doc__))

@@ -49,7 +49,8 @@ class Args:
     dropout: float = field(default=0.1, metadata={"help": "dropout (HF GPT-2 default, as the authors)"})
     context_len: int = field(default=5, metadata={"help": "K timesteps per window (authors: 5)"})
     act_dim: int = field(default=0, metadata={"help": "action tokens per step; 0 = the largest action dim of the tasks (4 for Meta-World alone, 6 with DMControl)"})
-    precision: str = field(default="auto", metadata={"help": "auto | bf16 | fp32; auto = bf16 autocast where the hardware has it (1.4x faster here), else fp32"})
+    precision: str = field(default="auto", metadata={"help": "auto | bf16 | fp32; auto = bf16 autocast where the hardware has it, else fp32",
+                                                     "choices": ("auto", "bf16", "fp32")})
     holdout_episodes: int = field(default=2, metadata={"help": "episodes per task held out for the validation loss (0: none)"})
     eval_every: int = field(default=1000, metadata={"help": "report held-out action loss/accuracy per task every N steps"})
     save_every: int = field(default=1000, metadata={"help": "write the checkpoint every N steps (and at the end)"})
@@ -363,4 +364,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args(Args, description=__doc__.split("\n")[0]))
+    main(parse_args(Args, description=__doc__))

@@ -160,6 +160,7 @@ def test_existing_file_is_skipped_unless_overwrite(collected):
     (["--tasks", "reach-v3", "--episodes", "0"], "--episodes must be at least 1"),
     (["--tasks", "cartpole-balance", "--source", "scripted"], "experts only for Meta-World"),
     (["--tasks", "reach-v3", "--noise-levels", "a,b"], "comma-separated numbers"),
+    (["--tasks", "reach-v3", "--hold", "sometimes"], "argument --hold: invalid choice: 'sometimes'"),
 ])
 def test_bad_input_fails_with_one_line_and_writes_nothing(tmp_path, argv, message):
     proc = run_script("collect.py", *argv, "--data-dir", str(tmp_path / "out"), check=False)
@@ -727,7 +728,7 @@ def test_evaluate_a_checkpoint_writes_results(pipeline):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--method", "sgd"], "unknown --method 'sgd'"),
+    (["--method", "sgd"], "argument --method: invalid choice: 'sgd'"),
     (["--ckpt", "nowhere.pt"], "no checkpoint at nowhere.pt"),
     (["--tasks", "push-v3"], "python collect.py --tasks push-v3"),
     (["--ckpt", "CORRUPT"], "not a readable checkpoint"),
