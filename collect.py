@@ -29,8 +29,11 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import glob
+import hashlib
 import multiprocessing
 import sys
+import tempfile
 import time
 import warnings
 import zipfile
@@ -108,6 +111,14 @@ def resolve_tasks(spec):
 
 def is_metaworld(name):
     return name in MT50
+
+
+def env_dims(name):
+    """(observation width, action dims) of a task's environment, which its data must match."""
+    if is_metaworld(name):
+        return 39, 4  # Meta-World v3, goal observable: 39-d states; actions = xyz move + gripper (tested)
+    env = make_env(name)
+    return env.observation_space.shape[0], env.action_space.shape[0]
 
 
 def horizon(name):
@@ -357,14 +368,29 @@ def parse_args(args_cls, argv=None, description=None):
 
 @contextlib.contextmanager
 def atomic_write(path):
-    """Yield a temp path to write; it becomes `path` only if the block succeeds, so no half-written file is left."""
-    tmp = f"{path}.tmp{os.getpid()}"
+    """Yield a temp path to write; it becomes `path` only if the block succeeds, so no half-written file is left.
+    The temp file is created exclusively (a planted file or symlink there is never followed); temp files that a
+    killed process left beside `path` are removed first."""
+    directory, name = os.path.split(path)
+    for stale in glob.glob(glob.escape(path) + ".tmp*"):
+        os.remove(stale)
+    fd, tmp = tempfile.mkstemp(dir=directory or ".", prefix=name + ".tmp")
+    os.close(fd)
     try:
         yield tmp
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def file_sha256(path):
+    """The content hash that identifies a checkpoint (a fine-tuning run records its backbone's)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def write_text(path, text):

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from collect import atomic_write, horizon, load_checkpoint, make_env, parse_args, resolve_tasks, write_text
+from collect import atomic_write, file_sha256, horizon, load_checkpoint, make_env, parse_args, resolve_tasks, write_text
 from model import ActionTokenizer, DecisionTransformer, DTConfig, ModulationPool, resolve_device
 
 EVAL_SEED = 10_000  # episode i of every task starts from reset(seed=EVAL_SEED + i): disjoint from collection seeds
@@ -55,9 +55,10 @@ def build_model(ckpt, device):
     if ckpt.get("kind") == "finetune":
         path = ckpt["pretrained"]["path"]
         base = load_checkpoint(path)
-        if base["step"] != ckpt["pretrained"]["step"] or base["model_args"] != ckpt["model_args"]:
-            raise ValueError(f"{path} is no longer the checkpoint this run was fine-tuned from "
-                             f"(step {base['step']} vs {ckpt['pretrained']['step']}): regenerate it with the same pretrain.py command")
+        same = base["step"] == ckpt["pretrained"]["step"] and base["model_args"] == ckpt["model_args"]
+        if not same or ckpt["pretrained"].get("sha256", file_sha256(path)) != file_sha256(path):
+            raise ValueError(f"{path} is no longer the checkpoint this run was fine-tuned from (its content changed): "
+                             f"put that checkpoint back, or fine-tune again from this one")
         model = build_model(base, device)
         if ckpt["pool_args"] is not None:
             model.pool = ModulationPool(model.cfg.n_layer, model.cfg.n_embd, **ckpt["pool_args"]).to(device)

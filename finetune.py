@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from collect import load_checkpoint, parse_args, resolve_tasks, save_atomic
+from collect import file_sha256, load_checkpoint, parse_args, resolve_tasks, save_atomic
 from evaluate import RUN_CONTROL, build_model, evaluate_tasks, write_sequence_report
 from model import ModulationPool, action_loss, resolve_device, use_bf16
 from pretrain import load_data
@@ -219,6 +219,7 @@ def main(args):
         sys.exit(f"finetune.py: error: {e}")
     sequence = [task for task, _, _ in data]
     n_tasks = len(sequence)
+    backbone_hash = file_sha256(args.ckpt)  # evaluate.py checks that the backbone is still this file
 
     # --- the model: pre-trained backbone, plus a pool for the modulation methods ------------------------------
     torch.manual_seed(args.seed)
@@ -234,6 +235,8 @@ def main(args):
         success, success_any, stages = resumed["success"], resumed["success_any"], resumed["stages"]
         first_task = len(success)
         torch.set_rng_state(resumed["rng"])
+        if device.type == "cuda" and resumed.get("cuda_rng") is not None:  # dropout on the GPU draws from this one
+            torch.cuda.set_rng_state(resumed["cuda_rng"], device)
         print(f"resuming {out} after task {first_task}/{n_tasks}")
 
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -311,9 +314,10 @@ def main(args):
         state = {n: v for n, v in model.state_dict().items() if n.startswith("pool.")} if pool_args else model.state_dict()
         save_atomic(dict(
             kind="finetune", method=args.method, args=asdict(args), command=command_line(args), model_args=pretrained["model_args"],
-            pretrained=dict(path=os.path.abspath(args.ckpt), step=pretrained["step"]), pool_args=pool_args,
+            pretrained=dict(path=os.path.abspath(args.ckpt), step=pretrained["step"], sha256=backbone_hash), pool_args=pool_args,
             model=state, tasks=sequence, success=success, success_any=success_any, stages=stages,
             anchor=anchor, importance=importance, rng=torch.get_rng_state(), trainable_params=trainable,
+            cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
         ), out)
 
     report = write_sequence_report(run_dir, load_checkpoint(out))

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from collect import DMC16, is_metaworld, load_checkpoint, parse_args, resolve_tasks, save_atomic
+from collect import DMC16, env_dims, is_metaworld, load_checkpoint, parse_args, resolve_tasks, save_atomic
 from model import ActionTokenizer, DecisionTransformer, DTConfig, action_loss, resolve_device, use_bf16
 
 REWARD_SCALE = {"metaworld": 200.0, "dmcontrol": 100.0}  # rewards and returns-to-go are divided by these (authors)
@@ -150,7 +150,13 @@ def load_data(names, data_dir, holdout_episodes, K, act_dim, n_bins, seed):
                                 f"`python collect.py --tasks {','.join(missing)} --data-dir {data_dir}`")
     tasks, episodes, heldout = [], [], []
     for i, name in enumerate(names):
-        data = load_task(os.path.join(data_dir, f"{name}.npz"))
+        path = os.path.join(data_dir, f"{name}.npz")
+        data = load_task(path)
+        found, expected = (data["observations"].shape[1], data["actions"].shape[1]), env_dims(name)
+        if found != expected:
+            raise ValueError(f"{path} has {found[0]} observation columns and {found[1]} action dims, but the {name} "
+                             f"environment has {expected[0]} and {expected[1]}: collect it again with "
+                             f"`python collect.py --tasks {name} --data-dir {data_dir} --overwrite`")
         domain = "metaworld" if is_metaworld(name) else "dmcontrol"
         ends = np.flatnonzero(data["dones"]) + 1
         starts = np.r_[0, ends[:-1]]
@@ -265,6 +271,8 @@ def main(args):
         step = ckpt["step"]
         dataset.rng.bit_generator.state = ckpt["rng"]["numpy"][rank]
         torch.set_rng_state(ckpt["rng"]["torch"][rank])
+        if device.type == "cuda" and ckpt["rng"].get("cuda", [None] * world_size)[rank] is not None:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"][rank], device)  # dropout on the GPU draws from this one
     else:
         torch.manual_seed(args.seed + rank)  # dropout streams differ per rank
     train_model = torch.nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
@@ -309,11 +317,12 @@ def main(args):
               f"{'bf16' if bf16 else 'fp32'}" + (f" | resuming at step {step}" if step else ""))
 
     def checkpoint():
-        rng = dict(numpy=[dataset.rng.bit_generator.state], torch=[torch.get_rng_state()])
+        rng = dict(numpy=[dataset.rng.bit_generator.state], torch=[torch.get_rng_state()],
+                   cuda=[torch.cuda.get_rng_state(device) if device.type == "cuda" else None])
         if world_size > 1:  # every rank's sampling and dropout state, gathered on rank 0
             gathered = [None] * world_size
             dist.all_gather_object(gathered, rng)
-            rng = dict(numpy=[g["numpy"][0] for g in gathered], torch=[g["torch"][0] for g in gathered])
+            rng = {key: [g[key][0] for g in gathered] for key in rng}
         if is_main:
             save_atomic(dict(model=model.state_dict(), model_args=asdict(cfg), args=asdict(args), tasks=tasks,
                              optimizer=optimizer.state_dict(), rng=rng, step=step, world_size=world_size), args.out)

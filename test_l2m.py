@@ -65,6 +65,7 @@ def test_env_follows_gymnasium_interface_and_episode_length(name, horizon):
         if collect.is_metaworld(name):
             assert "success" in info
     assert steps == horizon and truncated and not terminated
+    assert collect.env_dims(name) == (env.observation_space.shape[0], env.action_space.shape[0])
 
 
 def test_metaworld_draws_a_new_placement_each_episode():
@@ -195,6 +196,16 @@ def test_stop_rule_stands_still_once_solved_and_the_best_rule_is_chosen():
     assert all(np.array_equal(a, b[1]) for (_, a, *_), b in zip(episode[: solved + 1], noisy)), "same episode until solved"
     rule, scores = collect.choose_hold_rule(env, expert, [0.0, 0.3], seed=5, episodes=3)
     assert set(scores) == set(collect.HOLD_RULES) and scores[rule] == max(scores.values())
+
+
+def test_atomic_write_removes_litter_and_never_follows_a_planted_link(tmp_path):
+    target, victim = tmp_path / "ckpt.pt", tmp_path / "victim"
+    victim.write_text("keep")
+    (tmp_path / "ckpt.pt.tmp123").write_text("left by a killed process")
+    (tmp_path / "ckpt.pt.tmp999").symlink_to(victim)
+    collect.write_text(str(target), "new")
+    assert target.read_text() == "new" and victim.read_text() == "keep"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "victim"]
 
 
 def test_save_npz_is_atomic_on_failure(tmp_path):
@@ -666,6 +677,16 @@ def test_l2m_freezes_the_backbone_and_routes_each_task_to_its_own_entry(pipeline
     assert np.asarray(results["success"]).shape == (2, 2) and "forgetting" in results["metrics"]
 
 
+def test_a_run_notices_that_its_backbone_file_changed(pipeline, l2m_run, tmp_path):
+    ckpt = collect.load_checkpoint(str(l2m_run / "ckpt.pt"))
+    backbone = collect.load_checkpoint(ckpt["pretrained"]["path"])
+    backbone["model"]["action_head.bias"] += 1.0  # another model, with the same step and config
+    collect.save_atomic(backbone, str(tmp_path / "other.pt"))
+    ckpt["pretrained"]["path"] = str(tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="no longer the checkpoint this run was fine-tuned from"):
+        evaluate.build_model(ckpt, torch.device("cpu"))
+
+
 def test_l2m_leaves_a_finished_task_entry_bit_identical(pipeline, l2m_run):
     """The same seed run on the first task alone gives the first task's entry; learning the second task must not move it."""
     finetune.main(finetune_args(pipeline, "l2m", "l2m-first", tasks="reach-v3", steps_per_task=150))
@@ -750,7 +771,7 @@ def test_data_whose_dims_do_not_match_the_checkpoint_is_rejected(pipeline, tmp_p
     collect.save_npz(str(tmp_path / "reach-v3.npz"), arrays)
     proc = run_script("finetune.py", "--ckpt", str(pipeline / "pretrain" / "ckpt.pt"), "--tasks", "reach-v3",
                       "--data-dir", str(tmp_path), "--run-dir", str(tmp_path / "run"), check=False)
-    assert proc.returncode != 0 and "reach-v3.npz has 6 action dims but the model takes at most 4" in proc.stderr
+    assert proc.returncode != 0 and "has 39 observation columns and 6 action dims, but the reach-v3 environment has 39 and 4" in proc.stderr
 
 
 def test_all_four_stages_run_as_scripts(pipeline):
