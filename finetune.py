@@ -105,6 +105,8 @@ def command_line(args):
     for name, value in asdict(args).items():
         if name in RUN_CONTROL - {"run_dir"} or value == Args.__dataclass_fields__[name].default:
             continue
+        if name == "run_dir" and value == default_run_dir(args.method, args.tasks, args.seed):
+            continue
         flag = "--" + name.replace("_", "-")
         flags.append(flag if value is True else "--no-" + flag[2:] if value is False else f"{flag} {value}")
     return " ".join(["python finetune.py", *flags])

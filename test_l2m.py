@@ -850,3 +850,11 @@ def test_methods_and_seeds_run_side_by_side_each_in_its_own_folder(pipeline, tmp
         for seed in (0, 1):
             run = tmp_path / "runs" / f"{method}-reach-v3-s{seed}"
             assert json.loads((run / "results.json").read_text())["args"]["seed"] == seed, (run / "log.txt").read_text()
+
+
+def test_the_readme_results_table_regenerates_from_the_result_files():
+    runs = [os.path.join(HERE, "results", "cw10", run) for run in ("ft-cw10-s0", "l2m-cw10-s0", "l2m-oracle-cw10-s0")]
+    table = evaluate.compare_runs(runs, reference_dir=runs[2])
+    readme = open(os.path.join(HERE, "README.md")).read()
+    rows = [line for line in table.splitlines() if line.startswith("| ")]
+    assert len(rows) == 4 and all(row in readme for row in rows), "README's table differs from results/cw10"
