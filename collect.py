@@ -317,6 +317,7 @@ class SAC(nn.Module):
 #   seek    a zero move while solved, the expert if not      expert  the expert without noise
 #   none    the expert with noise, as before it was solved (the old data)
 HOLD_RULES = ("hold", "stop", "push", "seek", "expert")
+HOLD_CHOICES = ("auto", "none", *HOLD_RULES)
 HOLD_GAIN = 25.0  # the p of metaworld's scripted policies' move(); 5 and 10 kept fewer tasks solved
 
 
@@ -329,7 +330,7 @@ class Args:
     noise_levels: str = field(default="0,0.1,0.3,0.5", metadata={"help": "scripted: Gaussian action-noise stds, one drawn per episode"})
     hold: str = field(default="auto", metadata={"help": "scripted: what the expert does once the task is solved: auto "
                       "(per task, the rule that keeps it solved most often), " + ", ".join(HOLD_RULES) + ", or none",
-                      "choices": ("auto", "none", *HOLD_RULES)})
+                      "choices": HOLD_CHOICES})
     seed: int = field(default=0, metadata={"help": "base seed; each task's seed is derived from it and the task's name"})
     data_dir: str = field(default="data", metadata={"help": "output directory for <task>.npz"})
     workers: int = field(default=os.cpu_count() or 1, metadata={"help": "parallel worker processes, one task each"})
@@ -592,8 +593,8 @@ def check_args(args):
         raise ValueError(f"--noise-levels must be comma-separated numbers, got {args.noise_levels!r}") from None
     if any(x < 0 for x in noise):
         raise ValueError(f"--noise-levels must be >= 0, got {args.noise_levels!r}")
-    if args.hold not in ("auto", "none", *HOLD_RULES):
-        raise ValueError(f"unknown --hold {args.hold!r}: use auto, none or one of {', '.join(HOLD_RULES)}")
+    if args.hold not in HOLD_CHOICES:
+        raise ValueError(f"unknown --hold {args.hold!r}: use one of {', '.join(HOLD_CHOICES)}")
     if args.workers < 1:
         raise ValueError(f"--workers must be at least 1 (got {args.workers})")
     if os.path.exists(args.data_dir) and not os.path.isdir(args.data_dir):

@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from collect import atomic_write, file_sha256, horizon, load_checkpoint, make_env, parse_args, resolve_tasks, write_text
 from model import ActionTokenizer, DecisionTransformer, DTConfig, ModulationPool, resolve_device
@@ -45,8 +44,8 @@ class Args:
                          "may repeat it): instead of evaluating, write <out or runs>/comparison.md, one row per method"})
     bench: bool = field(default=False, metadata={"help": "time the evaluation against stepping the same envs with "
                         "the same actions and no model; prints the ratio, writes nothing"})
-    reference: str = field(default="", metadata={"help": "with --compare: a run whose end-of-task success per task "
-                           "(its diagonal, e.g. an l2m-oracle run) is the single-task reference for forward transfer"})
+    reference: str = field(default="", metadata={"help": "with --compare: a run of the same sequence (e.g. l2m-oracle) "
+                           "whose end-of-task successes each run's are compared to (the 'gap to' column)"})
 
 
 def build_model(ckpt, device):
@@ -56,7 +55,7 @@ def build_model(ckpt, device):
         path = ckpt["pretrained"]["path"]
         base = load_checkpoint(path)
         same = base["step"] == ckpt["pretrained"]["step"] and base["model_args"] == ckpt["model_args"]
-        if not same or ckpt["pretrained"].get("sha256", file_sha256(path)) != file_sha256(path):
+        if not same or ckpt["pretrained"]["sha256"] != file_sha256(path):
             raise ValueError(f"{path} is no longer the checkpoint this run was fine-tuned from (its content changed): "
                              f"put that checkpoint back, or fine-tune again from this one")
         model = build_model(base, device)
@@ -103,7 +102,7 @@ def rollout(model, tasks, episodes, device, task_ids=None):
     start = time.perf_counter()
     envs = [eval_env(task["name"], i) for task in tasks for i in range(episodes)]  # env n plays task n // episodes
     build_seconds = time.perf_counter() - start
-    horizon, act_dim = envs[0].horizon, max(task["act_dim"] for task in tasks)
+    length, act_dim = envs[0].horizon, max(task["act_dim"] for task in tasks)
     env_task = np.repeat(np.arange(len(tasks)), episodes)  # (N,)
     scale = torch.tensor([tasks[j]["reward_scale"] for j in env_task], device=device)  # (N,)
     tokenizer = ActionTokenizer(cfg.n_bins)
@@ -121,9 +120,9 @@ def rollout(model, tasks, episodes, device, task_ids=None):
     obs = [env.reset(seed=EVAL_SEED + n % episodes)[0] for n, env in enumerate(envs)]
     total_return, success_any, success_last = np.zeros(N), np.zeros(N, bool), np.zeros(N, bool)
     routing = np.zeros((len(tasks), model.pool.size if model.pool is not None else 0), np.int64)
-    actions_taken = np.zeros((horizon, N, act_dim), np.float32)
+    actions_taken = np.zeros((length, N, act_dim), np.float32)
     model_seconds = env_seconds = 0.0
-    for t in range(horizon):
+    for t in range(length):
         # shift the window by one and write the current step (state, return-to-go, timestep) into the last slot
         for buffer, pad in ((states, 0.0), (returns, 0.0), (bins, cfg.n_bins), (rewards, 0.0), (timesteps, 0), (step_mask, False)):
             buffer[:, :-1] = buffer[:, 1:].clone()
@@ -157,7 +156,7 @@ def rollout(model, tasks, episodes, device, task_ids=None):
         results.append(dict(
             task=task["name"], episodes=episodes, success=float(success_last[mine].mean()),
             success_any=float(success_any[mine].mean()), mean_return=float(total_return[mine].mean()),
-            returns=total_return[mine].tolist(), routing=routing[j].tolist(), env_steps=episodes * horizon,
+            returns=total_return[mine].tolist(), routing=routing[j].tolist(), env_steps=episodes * length,
         ))
     timing = dict(build_seconds=build_seconds, model_seconds=model_seconds, env_seconds=env_seconds,
                   tasks=tasks, episodes=episodes, actions=actions_taken)
@@ -347,9 +346,8 @@ def compare_runs(run_dirs, reference_dir=""):
         text = text.lstrip("-") if float(text) == 0 else text  # -0.004 reads "0.00", not "-0.00"
         return text + (f" ± {fmt.format(np.std(values))}" if len(values) > 1 else "")
 
-    reference_name = f"gap to {load_run(reference_dir)['method']} (end of task)" if reference is not None else None
     columns = ["success (last step)", "paper", "success (any step)", "forgetting"] + (
-        [reference_name] if reference is not None else []) + [
+        [f"gap to {ref_run['method']} (end of task)"] if reference is not None else []) + [
         "retention (last step)", "retention (any step)", "trainable params", "wall time (min)"]
     lines = ["| method | runs | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
     for method, rows in by_method.items():
