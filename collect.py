@@ -24,6 +24,7 @@ import os
 os.environ.setdefault("MUJOCO_GL", "disable")  # no display on servers: physics only (MUJOCO_GL=egl to render)
 
 import argparse
+import ast
 import concurrent.futures
 import contextlib
 import copy
@@ -31,13 +32,15 @@ import dataclasses
 import functools
 import glob
 import hashlib
+import inspect
 import multiprocessing
 import sys
 import tempfile
+import textwrap
 import time
 import warnings
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import gymnasium as gym
 import numpy as np
@@ -323,23 +326,40 @@ HOLD_GAIN = 25.0  # the p of metaworld's scripted policies' move(); 5 and 10 kep
 
 @dataclass
 class Args:
-    tasks: str = field(default="mt50", metadata={"help": "comma-separated task names and/or list names: " + ", ".join(TASK_LISTS)})
-    source: str = field(default="auto", metadata={"help": "behaviour source: scripted | sac | auto (scripted for Meta-World, sac for DMControl)",
-                                                  "choices": ("auto", "scripted", "sac")})
-    episodes: int = field(default=None, metadata={"help": "episodes recorded per task; for sac also its training budget (episodes x horizon env steps). Default: scripted 100, sac 50"})
-    noise_levels: str = field(default="0,0.1,0.3,0.5", metadata={"help": "scripted: Gaussian action-noise stds, one drawn per episode"})
-    hold: str = field(default="auto", metadata={"help": "scripted: what the expert does once the task is solved: auto "
-                      "(per task, the rule that keeps it solved most often), " + ", ".join(HOLD_RULES) + ", or none",
-                      "choices": HOLD_CHOICES})
-    seed: int = field(default=0, metadata={"help": "base seed; each task's seed is derived from it and the task's name"})
-    data_dir: str = field(default="data", metadata={"help": "output directory for <task>.npz"})
-    workers: int = field(default=os.cpu_count() or 1, metadata={"help": "parallel worker processes, one task each"})
-    overwrite: bool = field(default=False, metadata={"help": "rewrite existing files instead of skipping them"})
-    sac_warmup_steps: int = field(default=5000, metadata={"help": "sac: uniform-random actions before learning starts"})
-    sac_utd: float = field(default=1.0, metadata={"help": "sac: gradient updates per env step (update-to-data ratio)"})
-    sac_hidden: int = field(default=256, metadata={"help": "sac: width of the two hidden layers of actor and critics"})
-    sac_batch_size: int = field(default=128, metadata={"help": "sac: minibatch size per update"})
-    sac_lr: float = field(default=3e-4, metadata={"help": "sac: Adam learning rate of actor, critics and temperature"})
+    tasks: str = "mt50"
+    """comma-separated task names and/or list names: cw10, mt40, mt50, dmc10, dmc6, dmc16"""
+    source: str = "auto"
+    """behaviour source: scripted | sac | auto (scripted for Meta-World, sac for DMControl)"""
+    episodes: int = None
+    """episodes recorded per task; for sac also its training budget (episodes x horizon env steps).
+    Default: scripted 100, sac 50"""
+    noise_levels: str = "0,0.1,0.3,0.5"
+    """scripted: Gaussian action-noise stds, one drawn per episode"""
+    hold: str = "auto"
+    """scripted: what the expert does once the task is solved: auto (per task, the rule that keeps it solved most
+    often), hold, stop, push, seek, expert, or none"""
+    seed: int = 0
+    """base seed; each task's seed is derived from it and the task's name"""
+    data_dir: str = "data"
+    """output directory for <task>.npz"""
+    workers: int = os.cpu_count() or 1
+    """parallel worker processes, one task each"""
+    overwrite: bool = False
+    """rewrite existing files instead of skipping them"""
+    sac_warmup_steps: int = 5000
+    """uniform-random actions before learning starts"""
+    sac_utd: float = 1.0
+    """gradient updates per env step (update-to-data ratio)"""
+    sac_hidden: int = 256
+    """width of the two hidden layers of actor and critics"""
+    sac_batch_size: int = 128
+    """minibatch size per update"""
+    sac_lr: float = 3e-4
+    """Adam learning rate of actor, critics and temperature"""
+
+
+GROUPS = {"what to collect": "tasks", "output": "data_dir", "sac (DMControl)": "sac_warmup_steps"}
+CHOICES = {"source": ("auto", "scripted", "sac"), "hold": HOLD_CHOICES}
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -352,18 +372,29 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (--help lists every flag)\n")
 
 
-def parse_args(args_cls, argv=None, description=None):
-    """A stdlib argparse built from a dataclass: one flag per field (--snake-case), its help, default and, where the
-    field's metadata names them, its choices."""
+def field_help(args_cls):
+    """{field: its help}: the string literal written under each field of an Args dataclass (CleanRL's style)."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(args_cls))).body[0].body
+    return {field.target.id: " ".join(doc.value.value.split()) for field, doc in zip(body, body[1:])
+            if isinstance(field, ast.AnnAssign) and isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant)}
+
+
+def parse_args(args_cls, argv=None, description=None, groups=None, choices=None):
+    """A stdlib argparse built from a dataclass: one flag per field (--snake-case) with its default and help.
+    `groups` {heading: first field}: --help lists the flags under headings, each from its first field on;
+    `choices` {field: allowed values}: anything else is rejected with one line."""
     parser = ArgumentParser(description=description, formatter_class=HelpFormatter)
+    helps, section = field_help(args_cls), parser
+    starts = {first: heading for heading, first in (groups or {}).items()}
     for f in dataclasses.fields(args_cls):
+        section = parser.add_argument_group(starts[f.name]) if f.name in starts else section
         flag = "--" + f.name.replace("_", "-")
         if f.type in (bool, "bool"):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
+            section.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=helps[f.name])
         else:
             kind = {"int": int, "float": float, "str": str}.get(f.type, f.type)
-            parser.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"],
-                                choices=f.metadata.get("choices"))
+            section.add_argument(flag, type=kind, default=f.default, help=helps[f.name],
+                                 choices=(choices or {}).get(f.name))
     return args_cls(**vars(parser.parse_args(argv)))
 
 
@@ -383,6 +414,21 @@ def atomic_write(path):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def check_output(path, flag, is_dir):
+    """Fail before any work if `path` cannot be written: a file where a directory goes (or the reverse), or a
+    location this user cannot create. Raises ValueError naming the flag."""
+    if os.path.exists(path) and os.path.isdir(path) != is_dir:
+        kind = "a directory" if os.path.isdir(path) else "a file"
+        raise ValueError(f"{flag} {path!r} is {kind}: pass a {'directory' if is_dir else 'file path'}")
+    if not is_dir and path.endswith(os.sep):
+        raise ValueError(f"{flag} {path!r} names a directory: pass a file path such as {path}ckpt.pt")
+    parent = os.path.abspath(path if is_dir else os.path.dirname(path) or ".")
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path!r}: cannot write under {parent} (not a writable directory)")
 
 
 def file_sha256(path):
@@ -597,8 +643,7 @@ def check_args(args):
         raise ValueError(f"unknown --hold {args.hold!r}: use one of {', '.join(HOLD_CHOICES)}")
     if args.workers < 1:
         raise ValueError(f"--workers must be at least 1 (got {args.workers})")
-    if os.path.exists(args.data_dir) and not os.path.isdir(args.data_dir):
-        raise ValueError(f"--data-dir {args.data_dir!r} is a file, not a directory: remove it or pass another --data-dir")
+    check_output(args.data_dir, "--data-dir", is_dir=True)
     if args.sac_batch_size < 1 or args.sac_hidden < 1 or args.sac_utd < 0 or args.sac_warmup_steps < 0:
         raise ValueError("--sac-batch-size and --sac-hidden must be >= 1, --sac-utd and --sac-warmup-steps >= 0")
     return names
@@ -669,4 +714,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args(Args, description=__doc__))
+    main(parse_args(Args, description=__doc__, groups=GROUPS, choices=CHOICES))

@@ -22,12 +22,12 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from collect import atomic_write, file_sha256, horizon, load_checkpoint, make_env, parse_args, resolve_tasks, write_text
+from collect import atomic_write, check_output, file_sha256, horizon, load_checkpoint, make_env, parse_args, resolve_tasks, write_text
 from model import ActionTokenizer, DecisionTransformer, DTConfig, ModulationPool, resolve_device
 
 EVAL_SEED = 10_000  # episode i of every task starts from reset(seed=EVAL_SEED + i): disjoint from collection seeds
@@ -35,17 +35,28 @@ EVAL_SEED = 10_000  # episode i of every task starts from reset(seed=EVAL_SEED +
 
 @dataclass
 class Args:
-    ckpt: str = field(default="runs/pretrain/ckpt.pt", metadata={"help": "checkpoint to evaluate"})
-    tasks: str = field(default="", metadata={"help": "tasks to evaluate (names or list names); empty = every task the checkpoint knows"})
-    episodes: int = field(default=10, metadata={"help": "episodes per task"})
-    out: str = field(default="", metadata={"help": "output directory; empty = <checkpoint's directory>/eval"})
-    device: str = field(default="auto", metadata={"help": "auto (cuda if available), cpu or cuda"})
-    compare: str = field(default="", metadata={"help": "comma-separated fine-tuning run directories (seeds of a method "
-                         "may repeat it): instead of evaluating, write <out or runs>/comparison.md, one row per method"})
-    bench: bool = field(default=False, metadata={"help": "time the evaluation against stepping the same envs with "
-                        "the same actions and no model; prints the ratio, writes nothing"})
-    reference: str = field(default="", metadata={"help": "with --compare: a run of the same sequence (e.g. l2m-oracle) "
-                           "whose end-of-task successes each run's are compared to (the 'gap to' column)"})
+    ckpt: str = "runs/pretrain/ckpt.pt"
+    """checkpoint to evaluate"""
+    tasks: str = ""
+    """tasks to evaluate (names or list names); empty = every task the checkpoint knows"""
+    episodes: int = 10
+    """episodes per task"""
+    out: str = ""
+    """output directory; empty = <checkpoint's directory>/eval"""
+    device: str = "auto"
+    """auto (cuda, else mps, else cpu), cpu, cuda or mps"""
+    bench: bool = False
+    """time the evaluation against stepping the same envs with the same actions and no model; prints the ratio,
+    writes nothing"""
+    compare: str = ""
+    """comma-separated fine-tuning run directories (seeds of a method may repeat it): instead of evaluating, write
+    <out or runs>/comparison.md, one row per method"""
+    reference: str = ""
+    """with --compare: a run of the same sequence (e.g. l2m-oracle) whose end-of-task successes each run's are
+    compared to (the 'gap to' column)"""
+
+
+GROUPS = {"evaluate a checkpoint": "ckpt", "compare fine-tuning runs": "compare"}
 
 
 def build_model(ckpt, device):
@@ -300,7 +311,7 @@ def load_run(run_dir):
 # rendered in PSEC's Table 7 (Liu et al. 2025, arXiv 2502.05932); the metric is the authors' eval callback
 # (src/callbacks/custom_eval_callback.py in ml-jku/L2M), which reads info["success"] when the episode ends.
 PAPER_CW10_SUCCESS = {"l2m": 0.65, "l2m-oracle": 0.77, "ewc": 0.17, "l2": 0.10}
-# finetune.py settings that place, continue, time or launch a run, not its outcome
+# finetune.py's run-control flags (its --help group): they place, continue, time or launch a run, not its outcome
 RUN_CONTROL = {"resume", "device", "run_dir", "overwrite", "bench", "methods", "seeds", "jobs", "threads"}
 SEED_AND_PLACE = RUN_CONTROL | {"seed"}  # runs differing only in these are seeds of one setting
 
@@ -426,9 +437,13 @@ def write_sequence_report(run_dir, ckpt):
 
 
 def main(args):
-    device = resolve_device(args.device)
+    try:
+        device = resolve_device(args.device)
+    except ValueError as e:
+        sys.exit(f"evaluate.py: error: {e}")
     if args.compare:
         try:
+            check_output(args.out or "runs", "--out", is_dir=True)
             table = compare_runs([d for d in args.compare.split(",") if d], args.reference)
         except (ValueError, FileNotFoundError) as e:
             sys.exit(f"evaluate.py: error: {e}")
@@ -440,6 +455,8 @@ def main(args):
     try:
         if args.episodes < 1:
             raise ValueError(f"--episodes must be at least 1 (got {args.episodes})")
+        out = args.out or os.path.join(os.path.dirname(args.ckpt) or ".", "eval")
+        check_output(out, "--out", is_dir=True)
         ckpt = load_checkpoint(args.ckpt)
         known, oracle_ids = known_tasks(ckpt)
         names = resolve_tasks(args.tasks) if args.tasks else [t["name"] for t in ckpt["tasks"]]
@@ -466,7 +483,6 @@ def main(args):
               f"= {seconds / pure:.2f} (nothing written)")
         return
 
-    out = args.out or os.path.join(os.path.dirname(args.ckpt) or ".", "eval")
     os.makedirs(out, exist_ok=True)
     table = format_results(results)
     if model.pool is not None:
@@ -481,4 +497,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args(Args, description=__doc__))
+    main(parse_args(Args, description=__doc__, groups=GROUPS))

@@ -22,13 +22,13 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from collect import file_sha256, load_checkpoint, parse_args, resolve_tasks, save_atomic
+from collect import check_output, file_sha256, load_checkpoint, parse_args, resolve_tasks, save_atomic
 from evaluate import RUN_CONTROL, build_model, evaluate_tasks, write_sequence_report
 from model import ModulationPool, action_loss, resolve_device, use_bf16
 from pretrain import load_data
@@ -39,37 +39,70 @@ FROZEN_BACKBONE = ("lora", "l2m", "l2m-oracle")
 
 @dataclass
 class Args:
-    ckpt: str = field(default="runs/pretrain/ckpt.pt", metadata={"help": "pre-trained checkpoint (pretrain.py)"})
-    method: str = field(default="l2m", metadata={"help": "the method (see above)", "choices": METHODS})
-    tasks: str = field(default="cw10", metadata={"help": "the task sequence, in order (names or list names: cw10, dmc6, ...)"})
-    data_dir: str = field(default="data", metadata={"help": "directory of <task>.npz files written by collect.py"})
-    run_dir: str = field(default="", metadata={"help": "output directory; empty = runs/<method>-<tasks>-s<seed>"})
-    seed: int = field(default=0, metadata={"help": "seed for the pool's initialization, sampling and dropout"})
-    device: str = field(default="auto", metadata={"help": "auto (cuda if available), cpu or cuda"})
-    steps_per_task: int = field(default=2500, metadata={"help": "gradient steps per task (authors: 100k); the default fits CW10 with its evaluations in about an hour on 2 cores"})
-    batch_size: int = field(default=64, metadata={"help": "windows per step (authors: 256)"})
-    lr: float = field(default=1e-3, metadata={"help": "constant learning rate, AdamW (authors: 1e-4)"})
-    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay on Linear weights (none on the pool)"})
-    grad_clip: float = field(default=0.25, metadata={"help": "gradient-norm clip (authors)"})
-    eval_episodes: int = field(default=10, metadata={"help": "episodes per task at each evaluation (authors: 5)"})
-    pool_size: int = field(default=30, metadata={"help": "l2m: pool entries (l2m_lora.yaml)"})
-    rank: int = field(default=8, metadata={"help": "rank of the low-rank modulators (l2m_lora.yaml)"})
-    alpha: float = field(default=16.0, metadata={"help": "modulator scaling numerator: scale = alpha / rank (authors: 2 * rank)"})
-    pull_coef: float = field(default=0.5, metadata={"help": "l2m: weight of the key-pull term (pull_constraint_coef)"})
-    reg_lambda: float = field(default=400.0, metadata={"help": "l2/ewc: penalty weight (authors' default)"})
-    fisher_batches: int = field(default=10, metadata={"help": "ewc: batches for the diagonal Fisher estimate (authors)"})
-    precision: str = field(default="auto", metadata={"help": "auto | bf16 | fp32; auto = bf16 autocast where the hardware has it, else fp32",
-                                                     "choices": ("auto", "bf16", "fp32")})
-    frozen_dropout: bool = field(default=False, metadata={"help": "lora/l2m: keep dropout on in the frozen backbone (the authors' set_frozen_eval=False); off by default, see README deviation 15"})
-    resume: bool = field(default=False, metadata={"help": "continue after the last finished task of --run-dir"})
-    overwrite: bool = field(default=False, metadata={"help": "replace a run that --run-dir already holds"})
-    bench: int = field(default=0, metadata={"help": "time N training steps of the first task and one evaluation of the "
-                       "sequence (ms/step, tokens/s, model vs simulator); writes nothing"})
-    methods: str = field(default="", metadata={"help": "several runs side by side: comma-separated methods (with --seeds); "
-                         "each run is its own process with --threads 1, logging to <run-dir>/log.txt"})
-    seeds: str = field(default="", metadata={"help": "several runs side by side: comma-separated seeds (with --methods)"})
-    jobs: int = field(default=os.cpu_count() or 1, metadata={"help": "with --methods/--seeds: runs at once (one core each)"})
-    threads: int = field(default=0, metadata={"help": "torch threads of this process; 0 = torch's default (all cores)"})
+    ckpt: str = "runs/pretrain/ckpt.pt"
+    """pre-trained checkpoint (pretrain.py)"""
+    method: str = "l2m"
+    """the method (see above)"""
+    tasks: str = "cw10"
+    """the task sequence, in order (names or list names: cw10, dmc6, ...)"""
+    data_dir: str = "data"
+    """directory of <task>.npz files written by collect.py"""
+    seed: int = 0
+    """seed for the pool's initialization, sampling and dropout"""
+    steps_per_task: int = 2500
+    """gradient steps per task (authors: 100k); the default fits CW10 with its evaluations in ~20 min on 2 cores"""
+    batch_size: int = 64
+    """windows per step (authors: 256)"""
+    lr: float = 1e-3
+    """constant learning rate, AdamW (authors: 1e-4)"""
+    weight_decay: float = 0.01
+    """AdamW weight decay on Linear weights (none on the pool)"""
+    grad_clip: float = 0.25
+    """gradient-norm clip (authors)"""
+    precision: str = "auto"
+    """auto | bf16 | fp32; auto = bf16 autocast where the hardware has it, else fp32"""
+    eval_episodes: int = 10
+    """episodes per task at each evaluation (authors: 5)"""
+    pool_size: int = 30
+    """l2m: pool entries (l2m_lora.yaml)"""
+    rank: int = 8
+    """rank of the low-rank modulators (l2m_lora.yaml)"""
+    alpha: float = 16.0
+    """modulator scaling numerator: scale = alpha / rank (authors: 2 * rank)"""
+    pull_coef: float = 0.5
+    """l2m: weight of the key-pull term (pull_constraint_coef)"""
+    reg_lambda: float = 400.0
+    """l2/ewc: penalty weight (authors' default)"""
+    fisher_batches: int = 10
+    """ewc: batches for the diagonal Fisher estimate (authors)"""
+    frozen_dropout: bool = False
+    """lora/l2m: keep dropout on in the frozen backbone (the authors' set_frozen_eval=False); off by default, see
+    README deviation 15"""
+    run_dir: str = ""
+    """output directory; empty = runs/<method>-<tasks>-s<seed>"""
+    device: str = "auto"
+    """auto (cuda, else mps, else cpu), cpu, cuda or mps"""
+    resume: bool = False
+    """continue after the last finished task of --run-dir"""
+    overwrite: bool = False
+    """replace a run that --run-dir already holds"""
+    bench: int = 0
+    """time N training steps of the first task and one evaluation of the sequence (ms/step, tokens/s, model vs
+    simulator); writes nothing"""
+    methods: str = ""
+    """several runs side by side: comma-separated methods (with --seeds); each run is its own process with
+    --threads 1, logging to <run-dir>/log.txt"""
+    seeds: str = ""
+    """several runs side by side: comma-separated seeds (with --methods)"""
+    jobs: int = os.cpu_count() or 1
+    """with --methods/--seeds: runs at once (one core each)"""
+    threads: int = 0
+    """torch threads of this process; 0 = torch's default (all cores)"""
+
+
+GROUPS = {"what to run": "ckpt", "optimization": "steps_per_task", "method settings": "pool_size",
+          "run control": "run_dir"}
+CHOICES = {"method": METHODS, "precision": ("auto", "bf16", "fp32")}
 
 
 def fisher_diagonal(model, dataset, pools, args, device, autocast):
@@ -182,6 +215,7 @@ def load_inputs(args, run_dir):
         raise ValueError("--steps-per-task, --batch-size, --eval-episodes, --rank and --pool-size must be at least 1 "
                          "and --lr positive")
     names = resolve_tasks(args.tasks)
+    check_output(run_dir, "--run-dir", is_dir=True)
     use_bf16(args.precision, resolve_device(args.device))
     if args.method == "l2m-oracle" and args.pool_size < len(names):
         raise ValueError(f"l2m-oracle splits the pool into one group per task: --pool-size {args.pool_size} < {len(names)} tasks")
@@ -212,13 +246,13 @@ def main(args):
         return launch(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
     run_dir = args.run_dir or default_run_dir(args.method, args.tasks, args.seed)
     out = os.path.join(run_dir, "ckpt.pt")
     try:
         pretrained, resumed, data = load_inputs(args, run_dir)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"finetune.py: error: {e}")
+    device = resolve_device(args.device)
     sequence = [task for task, _, _ in data]
     n_tasks = len(sequence)
     backbone_hash = file_sha256(args.ckpt)  # evaluate.py checks that the backbone is still this file
@@ -349,4 +383,4 @@ def bench(model, sequence, train_step, args, tokens_per_step, device, oracle):
 
 
 if __name__ == "__main__":
-    main(parse_args(Args, description=__doc__))
+    main(parse_args(Args, description=__doc__, groups=GROUPS, choices=CHOICES))

@@ -353,9 +353,15 @@ class DecisionTransformer(nn.Module):
 
 
 def resolve_device(name):
-    """'auto' -> cuda when present, else cpu (never a hard cuda default)."""
+    """'auto' -> cuda when present, else Apple's mps, else cpu (never a hard cuda default). A device this machine
+    lacks is a ValueError that says so."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if name.split(":")[0] not in available:
+        raise ValueError(f"unknown --device {name!r}: use auto, cpu, cuda or mps")
+    if not available[name.split(":")[0]]:
+        raise ValueError(f"--device {name}: this machine's torch has no {name.split(':')[0]} device (use auto or cpu)")
     return torch.device(name)
 
 

@@ -15,14 +15,14 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from collect import DMC16, env_dims, is_metaworld, load_checkpoint, parse_args, resolve_tasks, save_atomic
+from collect import DMC16, check_output, env_dims, is_metaworld, load_checkpoint, parse_args, resolve_tasks, save_atomic
 from model import ActionTokenizer, DecisionTransformer, DTConfig, action_loss, resolve_device, use_bf16
 
 REWARD_SCALE = {"metaworld": 200.0, "dmcontrol": 100.0}  # rewards and returns-to-go are divided by these (authors)
@@ -31,33 +31,62 @@ MAX_STATE_DIM = DTConfig.state_dim  # the authors' unified state space
 
 @dataclass
 class Args:
-    tasks: str = field(default="mt40", metadata={"help": "tasks to pre-train on: task names and/or list names (mt40, dmc10, ...)"})
-    data_dir: str = field(default="data", metadata={"help": "directory of <task>.npz files written by collect.py"})
-    out: str = field(default="runs/pretrain/ckpt.pt", metadata={"help": "checkpoint path (written atomically)"})
-    seed: int = field(default=0, metadata={"help": "seed for initialization, sampling and dropout"})
-    device: str = field(default="auto", metadata={"help": "auto (cuda if available), cpu or cuda"})
-    steps: int = field(default=24000, metadata={"help": "optimizer steps (the default takes ~24 min on 2 idle cores: ~60 ms/step)"})
-    batch_size: int = field(default=64, metadata={"help": "windows per step (per process); split evenly across domains"})
-    lr: float = field(default=1e-3, metadata={"help": "peak learning rate (paper: 1e-4 at batch 512)"})
-    min_lr: float = field(default=1e-5, metadata={"help": "cosine decay floor (paper: 1e-6)"})
-    warmup_steps: int = field(default=500, metadata={"help": "linear warm-up steps (paper: 4000)"})
-    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay on Linear weights (authors)"})
-    grad_clip: float = field(default=0.25, metadata={"help": "gradient-norm clip (authors' max_grad_norm)"})
-    n_layer: int = field(default=4, metadata={"help": "transformer blocks (paper: 6)"})
-    n_head: int = field(default=4, metadata={"help": "attention heads (paper: 12)"})
-    n_embd: int = field(default=128, metadata={"help": "embedding width (paper: 768)"})
-    dropout: float = field(default=0.1, metadata={"help": "dropout (HF GPT-2 default, as the authors)"})
-    context_len: int = field(default=5, metadata={"help": "K timesteps per window (authors: 5)"})
-    act_dim: int = field(default=0, metadata={"help": "action tokens per step; 0 = the largest action dim of the tasks (4 for Meta-World alone, 6 with DMControl)"})
-    precision: str = field(default="auto", metadata={"help": "auto | bf16 | fp32; auto = bf16 autocast where the hardware has it, else fp32",
-                                                     "choices": ("auto", "bf16", "fp32")})
-    holdout_episodes: int = field(default=2, metadata={"help": "episodes per task held out for the validation loss (0: none)"})
-    eval_every: int = field(default=1000, metadata={"help": "report held-out action loss/accuracy per task every N steps"})
-    save_every: int = field(default=1000, metadata={"help": "write the checkpoint every N steps (and at the end)"})
-    resume: bool = field(default=False, metadata={"help": "continue from --out if it exists"})
-    overwrite: bool = field(default=False, metadata={"help": "replace the run at --out (its checkpoint and metrics.jsonl)"})
-    bench: int = field(default=0, metadata={"help": "time N training steps (after 3 warm-up steps): ms/step and tokens/s; "
-                       "writes nothing"})
+    tasks: str = "mt40"
+    """tasks to pre-train on: task names and/or list names (mt40, dmc10, ...)"""
+    data_dir: str = "data"
+    """directory of <task>.npz files written by collect.py"""
+    out: str = "runs/pretrain/ckpt.pt"
+    """checkpoint path (written atomically)"""
+    seed: int = 0
+    """seed for initialization, sampling and dropout"""
+    steps: int = 24000
+    """optimizer steps (the default takes ~24 min on 2 idle cores: ~60 ms/step)"""
+    batch_size: int = 64
+    """windows per step (per process); split evenly across domains"""
+    lr: float = 1e-3
+    """peak learning rate (paper: 1e-4 at batch 512)"""
+    min_lr: float = 1e-5
+    """cosine decay floor (paper: 1e-6)"""
+    warmup_steps: int = 500
+    """linear warm-up steps (paper: 4000)"""
+    weight_decay: float = 0.01
+    """AdamW weight decay on Linear weights (authors)"""
+    grad_clip: float = 0.25
+    """gradient-norm clip (authors' max_grad_norm)"""
+    precision: str = "auto"
+    """auto | bf16 | fp32; auto = bf16 autocast where the hardware has it, else fp32"""
+    holdout_episodes: int = 2
+    """episodes per task held out for the validation loss (0: none)"""
+    n_layer: int = 4
+    """transformer blocks (paper: 6)"""
+    n_head: int = 4
+    """attention heads (paper: 12)"""
+    n_embd: int = 128
+    """embedding width (paper: 768)"""
+    dropout: float = 0.1
+    """dropout (HF GPT-2 default, as the authors)"""
+    context_len: int = 5
+    """K timesteps per window (authors: 5)"""
+    act_dim: int = 0
+    """action tokens per step; 0 = the largest action dim of the tasks (4 for Meta-World alone, 6 with DMControl)"""
+    device: str = "auto"
+    """auto (cuda, else mps, else cpu), cpu, cuda or mps"""
+    eval_every: int = 1000
+    """report held-out action loss/accuracy per task every N steps"""
+    save_every: int = 1000
+    """write the checkpoint every N steps (and at the end)"""
+    resume: bool = False
+    """continue from --out if it exists"""
+    overwrite: bool = False
+    """replace the run at --out (its checkpoint and metrics.jsonl)"""
+    bench: int = 0
+    """time N training steps (after 3 warm-up steps): ms/step and tokens/s; writes nothing"""
+
+
+GROUPS = {"data and output": "tasks", "optimization": "steps", "model": "n_layer", "run control": "device"}
+CHOICES = {"precision": ("auto", "bf16", "fp32")}
+# the run-control flags: how a run executes, not what it computes; they may differ between a run and its resumption
+RUN_CONTROL = {"device", "eval_every", "save_every", "resume", "overwrite", "bench"}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -194,9 +223,6 @@ def lr_at(step, args):
     return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-# arguments that may differ between an interrupted run and its resumption
-RUN_CONTROL = {"resume", "device", "eval_every", "save_every", "bench", "overwrite"}
-
 
 @torch.no_grad()
 def heldout_metrics(model, dataset, heldout_by_task, device, autocast, n_windows=128):
@@ -220,7 +246,10 @@ def main(args):
     # --- setup: distributed (torchrun) or a single process, same code path -----------------------------------
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
-    device = resolve_device(args.device)
+    try:
+        device = resolve_device(args.device)
+    except ValueError as e:
+        sys.exit(f"pretrain.py: error: {e}")
     if world_size > 1:
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -238,6 +267,7 @@ def main(args):
             raise ValueError("--steps, --batch-size, --eval-every, --save-every, --context-len and --n-layer must be at least 1")
         if args.lr <= 0 or args.holdout_episodes < 0 or args.n_head < 1 or args.n_embd % args.n_head:
             raise ValueError(f"need --lr > 0, --holdout-episodes >= 0 and --n-head dividing --n-embd ({args.n_embd} by {args.n_head})")
+        check_output(args.out, "--out", is_dir=False)
         if os.path.exists(args.out) and not (args.resume or args.overwrite or args.bench):
             raise ValueError(f"{args.out} exists: --resume continues that run, --overwrite replaces it, --out puts this one elsewhere")
         names = resolve_tasks(args.tasks)
@@ -373,4 +403,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args(Args, description=__doc__))
+    main(parse_args(Args, description=__doc__, groups=GROUPS, choices=CHOICES))
