@@ -19,6 +19,7 @@ Examples:
   python collect.py --tasks dmc16                     # SAC on the 16 DMControl tasks (~1 h on 2 cores)
   python collect.py --tasks hammer-v3,cartpole-swingup --episodes 10 --overwrite
 """
+
 import os
 
 os.environ.setdefault("MUJOCO_GL", "disable")  # no display on servers: physics only (MUJOCO_GL=egl to render)
@@ -52,6 +53,7 @@ from tqdm import tqdm
 # ---------------------------------------------------------------------------------------------------------
 # Task lists (defined once; every stage imports them from here)
 
+# fmt: off
 # Continual World's CW10 sequence, in order (Wolczyk et al. 2021; the authors' configs/.../names/cw10_v2.yaml).
 CW10 = [
     "hammer-v3", "push-wall-v3", "faucet-close-v3", "push-back-v3", "stick-pull-v3",
@@ -78,12 +80,20 @@ DMC10 = [
     "cartpole-balance", "finger-turn_easy", "finger-turn_hard", "fish-upright", "hopper-stand",
     "pendulum-swingup", "point_mass-easy", "reacher-hard", "walker-stand", "walker-run",
 ]
+# fmt: on
 # DMControl fine-tuning tasks, in order. The authors' config repeats reacher-hard from DMC10 here; we use
 # reacher-easy (their older list) so the 16 DMControl tasks are distinct, as the paper's dataset claims.
 DMC6 = ["ball_in_cup-catch", "cartpole-swingup", "cheetah-run", "finger-spin", "reacher-easy", "walker-walk"]
 DMC16 = DMC10 + DMC6
-TASK_LISTS = {"cw10": CW10, "mt40": MT40, "mt50": MT50, "dmc10": DMC10, "dmc6": DMC6, "dmc16": DMC16,
-              "retain10": RETAIN10}
+TASK_LISTS = {
+    "cw10": CW10,
+    "mt40": MT40,
+    "mt50": MT50,
+    "dmc10": DMC10,
+    "dmc6": DMC6,
+    "dmc16": DMC16,
+    "retain10": RETAIN10,
+}
 ALL_TASKS = MT50 + DMC16  # a task's index here seeds its collection, so a file never depends on its neighbours
 
 METAWORLD_HORIZON = 200  # Continual World's episode length (META_WORLD_TIME_HORIZON); v3 defaults to 500
@@ -240,7 +250,9 @@ def make_env(name, seed=0):
 
 
 def mlp(in_dim, out_dim, hidden):
-    return nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, out_dim))
+    return nn.Sequential(
+        nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, out_dim)
+    )
 
 
 class SAC(nn.Module):
@@ -375,8 +387,11 @@ class ArgumentParser(argparse.ArgumentParser):
 def field_help(args_cls):
     """{field: its help}: the string literal written under each field of an Args dataclass (CleanRL's style)."""
     body = ast.parse(textwrap.dedent(inspect.getsource(args_cls))).body[0].body
-    return {field.target.id: " ".join(doc.value.value.split()) for field, doc in zip(body, body[1:])
-            if isinstance(field, ast.AnnAssign) and isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant)}
+    return {
+        field.target.id: " ".join(doc.value.value.split())
+        for field, doc in zip(body, body[1:])
+        if isinstance(field, ast.AnnAssign) and isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant)
+    }
 
 
 def parse_args(args_cls, argv=None, description=None, groups=None, choices=None):
@@ -393,8 +408,9 @@ def parse_args(args_cls, argv=None, description=None, groups=None, choices=None)
             section.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=helps[f.name])
         else:
             kind = {"int": int, "float": float, "str": str}.get(f.type, f.type)
-            section.add_argument(flag, type=kind, default=f.default, help=helps[f.name],
-                                 choices=(choices or {}).get(f.name))
+            section.add_argument(
+                flag, type=kind, default=f.default, help=helps[f.name], choices=(choices or {}).get(f.name)
+            )
     return args_cls(**vars(parser.parse_args(argv)))
 
 
@@ -483,7 +499,7 @@ def scripted_episode(env, expert, rule, noise_std, reset_seed, rng):
     act_dim = env.action_space.shape[0]
     obs, _ = env.reset(seed=reset_seed)
     solved_by, solved_at, success, transitions = None, None, False, []  # the action and hand position that solved it
-    for t in range(env.horizon):
+    for _ in range(env.horizon):
         noise = noise_std * rng.standard_normal(act_dim)  # drawn every step, so episodes stay seed-aligned
         expert_action = expert.get_action(obs)
         stand_still = None if solved_by is None else np.r_[np.zeros(act_dim - 1), solved_by[-1]]  # keep the grip
@@ -515,8 +531,10 @@ def choose_hold_rule(env, expert, noise_levels, seed, episodes=10):
     scores = {}
     for rule in HOLD_RULES:
         rng = np.random.default_rng(seed)
-        scores[rule] = sum(scripted_episode(env, expert, rule, rng.choice(noise_levels), int(rng.integers(2**31)), rng)[-1][4]
-                           for _ in range(episodes))
+        scores[rule] = sum(
+            scripted_episode(env, expert, rule, rng.choice(noise_levels), int(rng.integers(2**31)), rng)[-1][4]
+            for _ in range(episodes)
+        )
     return max(HOLD_RULES, key=scores.get), scores  # ties: the first, the simplest
 
 
@@ -543,13 +561,20 @@ def collect_sac(env, episodes, args, seed, rng, progress):
     n, updates_due = 0, 0.0
     for _ in range(episodes):
         obs, _ = env.reset(seed=int(rng.integers(2**31)))
-        for t in range(env.horizon):
+        episode_start = n
+        for _ in range(env.horizon):
             if n < args.sac_warmup_steps:
                 action = rng.uniform(-1.0, 1.0, act_dim).astype(np.float32)
             else:
                 action = agent.act(obs)
             next_obs, reward, terminated, truncated, info = env.step(action)
-            buf_obs[n], buf_act[n], buf_rew[n], buf_next_obs[n], buf_terminal[n] = obs, action, reward, next_obs, terminated
+            buf_obs[n], buf_act[n], buf_rew[n], buf_next_obs[n], buf_terminal[n] = (
+                obs,
+                action,
+                reward,
+                next_obs,
+                terminated,
+            )
             n += 1
             yield obs, action, reward, terminated or truncated, info.get("success", False)
             obs = next_obs
@@ -562,7 +587,7 @@ def collect_sac(env, episodes, args, seed, rng, progress):
                     updates_due -= 1.0
             if terminated or truncated:
                 break
-        progress.put(t + 1)
+        progress.put(n - episode_start)
 
 
 def collect_task(name, source, args, progress):
@@ -602,12 +627,19 @@ def collect_task(name, source, args, progress):
     # SAC's starting point: the mean over its uniform-random warm-up episodes (one episode alone is too noisy)
     n_random = args.sac_warmup_steps // env.horizon if source == "sac" else 0
     summary = dict(
-        task=name, source=source, episodes=len(ends), transitions=len(rewards),
-        start_return=float(episode_returns[: max(1, n_random)].mean()), mean_return=float(episode_returns.mean()),
-        last_return=float(episode_returns[-last:].mean()), max_return=float(episode_returns.max()),
+        task=name,
+        source=source,
+        episodes=len(ends),
+        transitions=len(rewards),
+        start_return=float(episode_returns[: max(1, n_random)].mean()),
+        mean_return=float(episode_returns.mean()),
+        last_return=float(episode_returns[-last:].mean()),
+        max_return=float(episode_returns.max()),
         seconds=time.perf_counter() - start,
     )
-    if is_metaworld(name):  # success at the episode's last step (the paper's metric) and at any step (Continual World's)
+    if is_metaworld(
+        name
+    ):  # success at the episode's last step (the paper's metric) and at any step (Continual World's)
         summary["success"] = float(arrays["successes"][ends - 1].mean())
         summary["success_any"] = float(np.maximum.reduceat(arrays["successes"], np.r_[0, ends[:-1]]).mean())
     if hold is not None:
@@ -618,9 +650,12 @@ def collect_task(name, source, args, progress):
 def format_summary(s):
     success = f"success last {s['success']:.2f} any {s['success_any']:.2f} | " if "success" in s else ""
     hold = f" | hold {s['hold']}" if "hold" in s else ""
-    return (f"{s['task']:<28} {s['source']:<8} {s['episodes']:>5} episodes {s['transitions']:>8} steps | {success}"
-            f"return {'random' if s['source'] == 'sac' else 'first'} {s['start_return']:8.1f} mean {s['mean_return']:8.1f} last-10% {s['last_return']:8.1f} "
-            f"max {s['max_return']:8.1f} | {s['seconds']:6.0f} s{hold}")
+    return (
+        f"{s['task']:<28} {s['source']:<8} {s['episodes']:>5} episodes {s['transitions']:>8} steps | {success}"
+        f"return {'random' if s['source'] == 'sac' else 'first'} {s['start_return']:8.1f} "
+        f"mean {s['mean_return']:8.1f} last-10% {s['last_return']:8.1f} "
+        f"max {s['max_return']:8.1f} | {s['seconds']:6.0f} s{hold}"
+    )
 
 
 def check_args(args):
@@ -630,7 +665,9 @@ def check_args(args):
         raise ValueError(f"unknown --source {args.source!r}: use scripted, sac or auto")
     if args.source == "scripted" and not all(map(is_metaworld, names)):
         bad = [n for n in names if not is_metaworld(n)]
-        raise ValueError(f"--source scripted has experts only for Meta-World; use --source sac (or auto) for {', '.join(bad)}")
+        raise ValueError(
+            f"--source scripted has experts only for Meta-World; use --source sac (or auto) for {', '.join(bad)}"
+        )
     if args.episodes is not None and args.episodes < 1:
         raise ValueError(f"--episodes must be at least 1 (got {args.episodes})")
     try:
@@ -672,8 +709,10 @@ def main(args):
 
     start, summaries, failures = time.perf_counter(), [], {}
     ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no forked torch/mujoco state
-    with ctx.Manager() as manager, tqdm(total=total_steps, unit="step", unit_scale=True, smoothing=0.05,
-                                        disable=not sys.stderr.isatty()) as bar:
+    with (
+        ctx.Manager() as manager,
+        tqdm(total=total_steps, unit="step", unit_scale=True, smoothing=0.05, disable=not sys.stderr.isatty()) as bar,
+    ):
         progress = manager.Queue()
         with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
             futures = {
@@ -703,8 +742,11 @@ def main(args):
         print(format_summary(s))
     scored = [s for s in summaries if "success" in s]
     if scored:
-        print(f"Meta-World mean over {len(scored)} tasks: success at the last step {np.mean([s['success'] for s in scored]):.2f}, "
-              f"at any step {np.mean([s['success_any'] for s in scored]):.2f}")
+        print(
+            f"Meta-World mean over {len(scored)} tasks: "
+            f"success at the last step {np.mean([s['success'] for s in scored]):.2f}, "
+            f"at any step {np.mean([s['success_any'] for s in scored]):.2f}"
+        )
     steps = sum(s["transitions"] for s in summaries)
     print(f"{steps:,} env steps in {seconds:.0f} s: {steps / seconds:,.0f} env steps/s with {workers} workers")
     if failures:

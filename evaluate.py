@@ -11,23 +11,34 @@ Examples:
   python evaluate.py --ckpt runs/pretrain/ckpt.pt --tasks reach-v3,push-v3 --episodes 10
   python evaluate.py --ckpt runs/l2m-cw10-s0/ckpt.pt               # the sequence's tasks, after the last task
   python evaluate.py --ckpt runs/l2m-cw10-s0/ckpt.pt --tasks retain10 --out runs/l2m-cw10-s0/retain10   # retention
-  python evaluate.py --compare runs/ft-cw10-s0,runs/l2m-cw10-s0 --reference runs/l2m-oracle-cw10-s0   # the results table
+  python evaluate.py --compare runs/ft-cw10-s0,runs/l2m-cw10-s0 --reference runs/l2m-oracle-cw10-s0  # the table
 """
+
 import json
 import os
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt
 import sys
 import time
 from dataclasses import dataclass
 
+import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from collect import atomic_write, check_output, file_sha256, horizon, load_checkpoint, make_env, parse_args, resolve_tasks, write_text
+from collect import (
+    atomic_write,
+    check_output,
+    file_sha256,
+    horizon,
+    load_checkpoint,
+    make_env,
+    parse_args,
+    resolve_tasks,
+    write_text,
+)
 from model import ActionTokenizer, DecisionTransformer, DTConfig, ModulationPool, resolve_device
 
 EVAL_SEED = 10_000  # episode i of every task starts from reset(seed=EVAL_SEED + i): disjoint from collection seeds
@@ -67,8 +78,10 @@ def build_model(ckpt, device):
         base = load_checkpoint(path)
         same = base["step"] == ckpt["pretrained"]["step"] and base["model_args"] == ckpt["model_args"]
         if not same or ckpt["pretrained"]["sha256"] != file_sha256(path):
-            raise ValueError(f"{path} is no longer the checkpoint this run was fine-tuned from (its content changed): "
-                             f"put that checkpoint back, or fine-tune again from this one")
+            raise ValueError(
+                f"{path} is no longer the checkpoint this run was fine-tuned from (its content changed): "
+                f"put that checkpoint back, or fine-tune again from this one"
+            )
         model = build_model(base, device)
         if ckpt["pool_args"] is not None:
             model.pool = ModulationPool(model.cfg.n_layer, model.cfg.n_embd, **ckpt["pool_args"]).to(device)
@@ -125,7 +138,10 @@ def rollout(model, tasks, episodes, device, task_ids=None):
     timesteps = torch.zeros(N, K, dtype=torch.long, device=device)
     step_mask = torch.zeros(N, K, dtype=torch.bool, device=device)
     return_to_go = torch.tensor([tasks[j]["target_return"] for j in env_task], device=device) / scale  # (N,)
-    own_dims = torch.arange(act_dim, device=device) < torch.tensor([tasks[j]["act_dim"] for j in env_task], device=device)[:, None]
+    own_dims = (
+        torch.arange(act_dim, device=device)
+        < torch.tensor([tasks[j]["act_dim"] for j in env_task], device=device)[:, None]
+    )
     ids = None if task_ids is None else torch.as_tensor(np.asarray(task_ids)[env_task], device=device)  # (N,)
 
     obs = [env.reset(seed=EVAL_SEED + n % episodes)[0] for n, env in enumerate(envs)]
@@ -135,7 +151,14 @@ def rollout(model, tasks, episodes, device, task_ids=None):
     model_seconds = env_seconds = 0.0
     for t in range(length):
         # shift the window by one and write the current step (state, return-to-go, timestep) into the last slot
-        for buffer, pad in ((states, 0.0), (returns, 0.0), (bins, cfg.n_bins), (rewards, 0.0), (timesteps, 0), (step_mask, False)):
+        for buffer, pad in (
+            (states, 0.0),
+            (returns, 0.0),
+            (bins, cfg.n_bins),
+            (rewards, 0.0),
+            (timesteps, 0),
+            (step_mask, False),
+        ):
             buffer[:, :-1] = buffer[:, 1:].clone()
             buffer[:, -1] = pad
         for n, o in enumerate(obs):
@@ -158,19 +181,34 @@ def rollout(model, tasks, episodes, device, task_ids=None):
         success_any |= success_last
         total_return += step_rewards
 
-        bins[:, -1, :act_dim] = action_bins.masked_fill(~own_dims, cfg.n_bins)  # other dims stay padding, as in the data
+        bins[:, -1, :act_dim] = action_bins.masked_fill(
+            ~own_dims, cfg.n_bins
+        )  # other dims stay padding, as in the data
         rewards[:, -1] = torch.as_tensor(step_rewards, device=device) / scale
         return_to_go = return_to_go - rewards[:, -1]  # R_{t+1} = R_t - r_t / scale
     results = []
     for j, task in enumerate(tasks):
         mine = env_task == j
-        results.append(dict(
-            task=task["name"], episodes=episodes, success=float(success_last[mine].mean()),
-            success_any=float(success_any[mine].mean()), mean_return=float(total_return[mine].mean()),
-            returns=total_return[mine].tolist(), routing=routing[j].tolist(), env_steps=episodes * length,
-        ))
-    timing = dict(build_seconds=build_seconds, model_seconds=model_seconds, env_seconds=env_seconds,
-                  tasks=tasks, episodes=episodes, actions=actions_taken)
+        results.append(
+            dict(
+                task=task["name"],
+                episodes=episodes,
+                success=float(success_last[mine].mean()),
+                success_any=float(success_any[mine].mean()),
+                mean_return=float(total_return[mine].mean()),
+                returns=total_return[mine].tolist(),
+                routing=routing[j].tolist(),
+                env_steps=episodes * length,
+            )
+        )
+    timing = dict(
+        build_seconds=build_seconds,
+        model_seconds=model_seconds,
+        env_seconds=env_seconds,
+        tasks=tasks,
+        episodes=episodes,
+        actions=actions_taken,
+    )
     return results, timing
 
 
@@ -209,8 +247,10 @@ def format_results(results):
     lines = ["| task | success (last step) | success (any step) | mean return |", "|---|---|---|---|"]
     for r in results:
         lines.append(f"| {r['task']} | {r['success']:.2f} | {r['success_any']:.2f} | {r['mean_return']:.1f} |")
-    lines.append(f"| **mean** | **{np.mean([r['success'] for r in results]):.2f}** | "
-                 f"{np.mean([r['success_any'] for r in results]):.2f} | |")
+    lines.append(
+        f"| **mean** | **{np.mean([r['success'] for r in results]):.2f}** | "
+        f"{np.mean([r['success_any'] for r in results]):.2f} | |"
+    )
     return "\n".join(lines)
 
 
@@ -222,7 +262,8 @@ def continual_metrics(success, reference=None):
     """success[i][j]: success on task j after learning task i (a square matrix, tasks in sequence order).
     average = mean of the last row; forgetting = mean_j (S[j, j] - S[last, j]). With a reference success per task
     (e.g. the diagonal of an l2m-oracle run): gap_to_reference = mean_j (S[j, j] - ref_j), the end-of-task gap.
-    It is not Continual World's forward transfer, which needs single-task runs' learning curves (README deviation 11)."""
+    It is not Continual World's forward transfer, which needs single-task runs' learning curves
+    (README deviation 11)."""
     S = np.asarray(success, dtype=float)
     if S.ndim != 2 or S.shape[0] != S.shape[1]:
         raise ValueError(f"the success matrix must be square (one row per learned task), got shape {S.shape}")
@@ -265,15 +306,32 @@ def sequence_report(ckpt):
     any_step = continual_metrics(S_any)
     metrics.update(average_any=any_step["average"], forgetting_any=any_step["forgetting"])
     final = ckpt["stages"][-1]["results"]
-    text = [f"# {ckpt['method']} on {len(names)} tasks", "",
-            f"average success {metrics['average']:.2f} (last step; any step {metrics['average_any']:.2f}) | "
-            f"forgetting {metrics['forgetting']:.2f} (any step {metrics['forgetting_any']:.2f}) | "
-            f"trainable parameters {ckpt['trainable_params']:,}",
-            "", "## Success at the last step (row: after learning that task; column: evaluated task)", "",
-            success_matrix_table(names, S), "", "## Success at any step", "", success_matrix_table(names, S_any),
-            "", "## After the last task", "", format_results(final)]
+    text = [
+        f"# {ckpt['method']} on {len(names)} tasks",
+        "",
+        f"average success {metrics['average']:.2f} (last step; any step {metrics['average_any']:.2f}) | "
+        f"forgetting {metrics['forgetting']:.2f} (any step {metrics['forgetting_any']:.2f}) | "
+        f"trainable parameters {ckpt['trainable_params']:,}",
+        "",
+        "## Success at the last step (row: after learning that task; column: evaluated task)",
+        "",
+        success_matrix_table(names, S),
+        "",
+        "## Success at any step",
+        "",
+        success_matrix_table(names, S_any),
+        "",
+        "## After the last task",
+        "",
+        format_results(final),
+    ]
     if ckpt["pool_args"] is not None:
-        text += ["", "## Routing after the last task (share of evaluation steps per pool entry)", "", routing_table(final)]
+        text += [
+            "",
+            "## Routing after the last task (share of evaluation steps per pool entry)",
+            "",
+            routing_table(final),
+        ]
     return metrics, "\n".join(text) + "\n"
 
 
@@ -303,7 +361,9 @@ def load_run(run_dir):
     run = read_json(path)
     missing = {"method", "tasks", "success", "success_any", "args", "stages"} - set(run)
     if missing:
-        raise ValueError(f"{path} lacks {', '.join(sorted(missing))}: not a results.json of this version of finetune.py")
+        raise ValueError(
+            f"{path} lacks {', '.join(sorted(missing))}: not a results.json of this version of finetune.py"
+        )
     return run
 
 
@@ -325,25 +385,36 @@ def compare_runs(run_dirs, reference_dir=""):
         ref_run = load_run(reference_dir)
         for run_dir, run in runs:
             if run["tasks"] != ref_run["tasks"]:
-                raise ValueError(f"--reference {reference_dir} learned {','.join(ref_run['tasks'])} but {run_dir} "
-                                 f"learned {','.join(run['tasks'])}: compare runs of one sequence")
+                raise ValueError(
+                    f"--reference {reference_dir} learned {','.join(ref_run['tasks'])} but {run_dir} "
+                    f"learned {','.join(run['tasks'])}: compare runs of one sequence"
+                )
         reference = np.diag(ref_run["success"])
 
     def label(run):
         same_method = [r["args"] for _, r in runs if r["method"] == run["method"]]
-        varying = sorted(k for k in set().union(*same_method)
-                         if k not in SEED_AND_PLACE and len({repr(a.get(k)) for a in same_method}) > 1)
+        varying = sorted(
+            k
+            for k in set().union(*same_method)
+            if k not in SEED_AND_PLACE and len({repr(a.get(k)) for a in same_method}) > 1
+        )
         return run["method"] + (" (" + ", ".join(f"{k}={run['args'].get(k)}" for k in varying) + ")" if varying else "")
 
     by_method, pretrained, commands = {}, set(), []
     for run_dir, run in runs:
         metrics = continual_metrics(run["success"], reference)
         retained = retention(run_dir) or (None, None)
-        row = dict(average=metrics["average"], average_any=continual_metrics(run["success_any"])["average"],
-                   forgetting=metrics["forgetting"], gap=metrics.get("gap_to_reference"),
-                   retention=retained[0], retention_any=retained[1], params=run["trainable_params"],
-                   minutes=sum(s["train_seconds"] + s["eval_seconds"] for s in run["stages"]) / 60,
-                   paper=PAPER_CW10_SUCCESS.get(run["method"]) if run["args"].get("tasks") == "cw10" else None)
+        row = dict(
+            average=metrics["average"],
+            average_any=continual_metrics(run["success_any"])["average"],
+            forgetting=metrics["forgetting"],
+            gap=metrics.get("gap_to_reference"),
+            retention=retained[0],
+            retention_any=retained[1],
+            params=run["trainable_params"],
+            minutes=sum(s["train_seconds"] + s["eval_seconds"] for s in run["stages"]) / 60,
+            paper=PAPER_CW10_SUCCESS.get(run["method"]) if run["args"].get("tasks") == "cw10" else None,
+        )
         name = label(run)
         by_method.setdefault(name, []).append(row)
         commands.append(f"- {name}, seed {run['args'].get('seed')}: `{run.get('command') or run_dir}`")
@@ -357,33 +428,73 @@ def compare_runs(run_dirs, reference_dir=""):
         text = text.lstrip("-") if float(text) == 0 else text  # -0.004 reads "0.00", not "-0.00"
         return text + (f" ± {fmt.format(np.std(values))}" if len(values) > 1 else "")
 
-    columns = ["success (last step)", "paper", "success (any step)", "forgetting"] + (
-        [f"gap to {ref_run['method']} (end of task)"] if reference is not None else []) + [
-        "retention (last step)", "retention (any step)", "trainable params", "wall time (min)"]
+    columns = (
+        ["success (last step)", "paper", "success (any step)", "forgetting"]
+        + ([f"gap to {ref_run['method']} (end of task)"] if reference is not None else [])
+        + ["retention (last step)", "retention (any step)", "trainable params", "wall time (min)"]
+    )
     lines = ["| method | runs | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
     for method, rows in by_method.items():
         cells = [cell(rows, "average"), cell(rows[:1], "paper"), cell(rows, "average_any"), cell(rows, "forgetting")]
         cells += [cell(rows, "gap")] if reference is not None else []
-        cells += [cell(rows, "retention"), cell(rows, "retention_any"), f"{rows[0]['params']:,}",
-                  cell(rows, "minutes", "{:.0f}")]
+        cells += [
+            cell(rows, "retention"),
+            cell(rows, "retention_any"),
+            f"{rows[0]['params']:,}",
+            cell(rows, "minutes", "{:.0f}"),
+        ]
         lines.append(f"| {method} | {len(rows)} | " + " | ".join(cells) + " |")
     for directory in sorted(pretrained):  # <folder>/pretrain/retain10, beside the runs (e.g. runs/pretrain)
         retained = retention(directory)
         if retained is not None:
-            lines.append(f"\nRetention (retain10) of the pre-trained model in {directory}: "
-                         f"{retained[0]:.2f} (last step), {retained[1]:.2f} (any step)")
+            lines.append(
+                f"\nRetention (retain10) of the pre-trained model in {directory}: "
+                f"{retained[0]:.2f} (last step), {retained[1]:.2f} (any step)"
+            )
     return "\n".join(lines + ["", "Commands:", *commands]) + "\n"
 
 
+def plot_pretraining(metrics_path, png_path):
+    """Held-out action loss and accuracy (mean over tasks) against the step, from pretrain.py's metrics.jsonl."""
+    with open(metrics_path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    steps = [r["step"] for r in rows]
+    losses, accuracies = ([np.mean([m[i] for m in r["heldout"].values()]) for r in rows] for i in (0, 1))
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(7, 2.8))
+    ax_loss.plot(steps, losses, marker="o", ms=3), ax_loss.set_ylabel("held-out action loss")
+    ax_acc.plot(steps, accuracies, marker="o", ms=3), ax_acc.set_ylabel("held-out action accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.set_xlabel("step")
+    fig.suptitle(f"pre-training: mean over {len(rows[0]['heldout'])} tasks' held-out episodes", fontsize=9)
+    fig.tight_layout()
+    with atomic_write(png_path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+
+
 def write_sequence_report(run_dir, ckpt):
-    """results.json, results.md, success_matrix.png and success_curves.png of a (finished) fine-tuning run."""
+    """results.json, results.md and the figures (success_matrix, success_curves, training_curves, routing) of a
+    (finished) fine-tuning run."""
     names = [t["name"] for t in ckpt["tasks"]]
     S = np.asarray(ckpt["success"])
     metrics, report = sequence_report(ckpt)
-    write_text(os.path.join(run_dir, "results.json"), json.dumps(dict(
-        method=ckpt["method"], tasks=names, success=S.tolist(), success_any=ckpt["success_any"], metrics=metrics,
-        args=ckpt["args"], command=ckpt.get("command"), trainable_params=ckpt["trainable_params"],
-        stages=ckpt["stages"]), indent=1))
+    write_text(
+        os.path.join(run_dir, "results.json"),
+        json.dumps(
+            dict(
+                method=ckpt["method"],
+                tasks=names,
+                success=S.tolist(),
+                success_any=ckpt["success_any"],
+                metrics=metrics,
+                args=ckpt["args"],
+                command=ckpt.get("command"),
+                trainable_params=ckpt["trainable_params"],
+                stages=ckpt["stages"],
+            ),
+            indent=1,
+        ),
+    )
     write_text(os.path.join(run_dir, "results.md"), report)
 
     fig, ax = plt.subplots(figsize=(max(4.5, 1.5 + 0.5 * len(names)), max(4.0, 1.2 + 0.45 * len(names))))
@@ -393,8 +504,11 @@ def write_sequence_report(run_dir, ckpt):
     ax.set_xticks(range(len(names)), short, rotation=60, ha="right", fontsize=7)
     ax.set_yticks(range(len(names)), short, fontsize=7)
     ax.set_xlabel("evaluated task"), ax.set_ylabel("after learning")
-    ax.set_title(f"{ckpt['method']}: success at the last step (average {metrics['average']:.2f}, "
-                 f"forgetting {metrics['forgetting']:.2f})", fontsize=8)
+    ax.set_title(
+        f"{ckpt['method']}: success at the last step (average {metrics['average']:.2f}, "
+        f"forgetting {metrics['forgetting']:.2f})",
+        fontsize=8,
+    )
     for i in range(len(names)):
         for j in range(len(names)):
             ax.text(j, i, f"{S[i, j]:.1f}", ha="center", va="center", fontsize=6, color="w" if S[i, j] < 0.6 else "k")
@@ -415,6 +529,21 @@ def write_sequence_report(run_dir, ckpt):
         fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
 
+    if all("loss_curve" in s for s in ckpt["stages"]):  # runs before this key was recorded have no curve
+        fig, ax = plt.subplots(figsize=(6, 3))
+        steps_per_task = ckpt["args"]["steps_per_task"]
+        for j, stage in enumerate(ckpt["stages"]):
+            curve = stage["loss_curve"]
+            x = j * steps_per_task + (np.arange(len(curve)) + 0.5) * steps_per_task / len(curve)
+            ax.plot(x, curve, lw=1, label=short[j])
+        ax.set_xlabel("training step (tasks one after another)"), ax.set_ylabel("action loss (train)")
+        ax.set_title(f"{ckpt['method']}: training loss on each task of the sequence", fontsize=8)
+        ax.legend(fontsize=6, ncol=2, loc="center left", bbox_to_anchor=(1, 0.5))
+        fig.tight_layout()
+        with atomic_write(os.path.join(run_dir, "training_curves.png")) as tmp:
+            fig.savefig(tmp, dpi=120, format="png")
+        plt.close(fig)
+
     if ckpt["pool_args"] is not None and ckpt["pool_args"]["pool_size"] > 1:  # routing after the last task
         used, share = routing_shares(ckpt["stages"][-1]["results"])
         fig, ax = plt.subplots(figsize=(max(4.5, 1.5 + 0.4 * len(used)), max(3.0, 1.2 + 0.35 * len(names))))
@@ -427,8 +556,15 @@ def write_sequence_report(run_dir, ckpt):
         for i in range(len(names)):
             for j in range(len(used)):
                 if share[i, j] >= 0.005:
-                    ax.text(j, i, f"{share[i, j]:.2f}", ha="center", va="center", fontsize=5,
-                            color="w" if share[i, j] < 0.6 else "k")
+                    ax.text(
+                        j,
+                        i,
+                        f"{share[i, j]:.2f}",
+                        ha="center",
+                        va="center",
+                        fontsize=5,
+                        color="w" if share[i, j] < 0.6 else "k",
+                    )
         fig.tight_layout()
         with atomic_write(os.path.join(run_dir, "routing.png")) as tmp:
             fig.savefig(tmp, dpi=120, format="png")
@@ -474,21 +610,31 @@ def main(args):
     seconds = time.perf_counter() - start
     steps = sum(r["env_steps"] for r in results)
     build_s, model_s, env_s = (sum(t[k] for t in timings) for k in ("build_seconds", "model_seconds", "env_seconds"))
-    speed = (f"{steps:,} env steps in {seconds:.1f} s: {steps / seconds:,.0f} env steps/s | building envs "
-             f"{build_s / seconds:.0%}, model {model_s / seconds:.0%}, simulator {env_s / seconds:.0%} of the time")
+    speed = (
+        f"{steps:,} env steps in {seconds:.1f} s: {steps / seconds:,.0f} env steps/s | building envs "
+        f"{build_s / seconds:.0%}, model {model_s / seconds:.0%}, simulator {env_s / seconds:.0%} of the time"
+    )
     if args.bench:
         pure = sum(replay_seconds(t) for t in timings)
         print(format_results(results) + "\n" + speed)
-        print(f"bench: evaluation {seconds:.1f} s / stepping the same envs with the same actions {pure:.1f} s "
-              f"= {seconds / pure:.2f} (nothing written)")
+        print(
+            f"bench: evaluation {seconds:.1f} s / stepping the same envs with the same actions {pure:.1f} s "
+            f"= {seconds / pure:.2f} (nothing written)"
+        )
         return
 
     os.makedirs(out, exist_ok=True)
     table = format_results(results)
     if model.pool is not None:
         table += "\n\nRouting (share of evaluation steps per pool entry):\n\n" + routing_table(results)
-    write_text(os.path.join(out, "results.json"), json.dumps(dict(ckpt=args.ckpt, episodes=args.episodes, results=results), indent=1))
-    write_text(os.path.join(out, "results.md"), f"# Evaluation of `{args.ckpt}`, {args.episodes} episodes per task\n\n{table}\n")
+    write_text(
+        os.path.join(out, "results.json"),
+        json.dumps(dict(ckpt=args.ckpt, episodes=args.episodes, results=results), indent=1),
+    )
+    write_text(
+        os.path.join(out, "results.md"),
+        f"# Evaluation of `{args.ckpt}`, {args.episodes} episodes per task\n\n{table}\n",
+    )
     if ckpt.get("kind") == "finetune":  # the run's Continual-World table, from the evaluations made during it
         print(sequence_report(ckpt)[1])
         print(f"Re-evaluated now, {args.episodes} episodes per task:\n")

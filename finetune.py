@@ -18,6 +18,8 @@ Examples:
   python finetune.py --method ft --tasks cw10
   python finetune.py --method l2m --resume            # continue after the last finished task
 """
+
+import functools
 import os
 import subprocess
 import sys
@@ -33,6 +35,7 @@ from evaluate import RUN_CONTROL, build_model, evaluate_tasks, write_sequence_re
 from model import ModulationPool, action_loss, resolve_device, use_bf16
 from pretrain import load_data
 
+CURVE_EVERY = 50  # training steps averaged into one point of training_curves.png
 METHODS = ("ft", "l2", "ewc", "lora", "l2m", "l2m-oracle")
 FROZEN_BACKBONE = ("lora", "l2m", "l2m-oracle")
 
@@ -100,8 +103,12 @@ class Args:
     """torch threads of this process; 0 = torch's default (all cores)"""
 
 
-GROUPS = {"what to run": "ckpt", "optimization": "steps_per_task", "method settings": "pool_size",
-          "run control": "run_dir"}
+GROUPS = {
+    "what to run": "ckpt",
+    "optimization": "steps_per_task",
+    "method settings": "pool_size",
+    "run control": "run_dir",
+}
 CHOICES = {"method": METHODS, "precision": ("auto", "bf16", "fp32")}
 
 
@@ -172,8 +179,23 @@ def launch(args):
         for seed in seeds:
             run_dir = default_run_dir(method, args.tasks, seed)
             os.makedirs(run_dir, exist_ok=True)
-            argv = [sys.executable, sys.argv[0], "--method", method, "--seed", str(seed), "--run-dir", run_dir,
-                    "--threads", "1", *shared] + (["--resume"] if args.resume else []) + (["--overwrite"] if args.overwrite else [])
+            argv = (
+                [
+                    sys.executable,
+                    sys.argv[0],
+                    "--method",
+                    method,
+                    "--seed",
+                    str(seed),
+                    "--run-dir",
+                    run_dir,
+                    "--threads",
+                    "1",
+                    *shared,
+                ]
+                + (["--resume"] if args.resume else [])
+                + (["--overwrite"] if args.overwrite else [])
+            )
             runs.append((run_dir, argv))
     print(f"{len(runs)} runs, {min(args.jobs, len(runs))} at a time: " + ", ".join(r for r, _ in runs))
     running, failed = [], []
@@ -198,10 +220,14 @@ def attach_method(model, args, n_tasks, device):
     """Freeze the backbone and attach a pool for the modulation methods. -> the pool's settings, or None."""
     if args.method not in FROZEN_BACKBONE:
         return None
-    for p in model.parameters():  # every pre-trained weight, the action head included
+    for p in model.parameters():  # L2M, lora: every pre-trained weight frozen, the action head included
         p.requires_grad_(False)
-    pool_args = dict(pool_size=1 if args.method == "lora" else args.pool_size, rank=args.rank, alpha=args.alpha,
-                     n_groups=n_tasks if args.method == "l2m-oracle" else 0)
+    pool_args = dict(
+        pool_size=1 if args.method == "lora" else args.pool_size,
+        rank=args.rank,
+        alpha=args.alpha,
+        n_groups=n_tasks if args.method == "l2m-oracle" else 0,
+    )
     model.pool = ModulationPool(model.cfg.n_layer, model.cfg.n_embd, **pool_args).to(device)
     return pool_args
 
@@ -212,33 +238,89 @@ def load_inputs(args, run_dir):
     if args.method not in METHODS:
         raise ValueError(f"unknown --method {args.method!r}: use one of {', '.join(METHODS)}")
     if min(args.steps_per_task, args.batch_size, args.eval_episodes, args.rank, args.pool_size) < 1 or args.lr <= 0:
-        raise ValueError("--steps-per-task, --batch-size, --eval-episodes, --rank and --pool-size must be at least 1 "
-                         "and --lr positive")
+        raise ValueError(
+            "--steps-per-task, --batch-size, --eval-episodes, --rank and --pool-size must be at least 1 "
+            "and --lr positive"
+        )
     names = resolve_tasks(args.tasks)
     check_output(run_dir, "--run-dir", is_dir=True)
     use_bf16(args.precision, resolve_device(args.device))
     if args.method == "l2m-oracle" and args.pool_size < len(names):
-        raise ValueError(f"l2m-oracle splits the pool into one group per task: --pool-size {args.pool_size} < {len(names)} tasks")
+        raise ValueError(
+            f"l2m-oracle splits the pool into one group per task: --pool-size {args.pool_size} < {len(names)} tasks"
+        )
     pretrained = load_checkpoint(args.ckpt)
     if "model_args" not in pretrained or "tasks" not in pretrained or "pretrained" in pretrained:
         raise ValueError(f"{args.ckpt} is not a pre-training checkpoint of pretrain.py")
     resumed = None
     if os.path.exists(out) and not args.bench and not args.overwrite:
         if not args.resume:
-            raise ValueError(f"{run_dir} already holds a run: --resume continues it, --overwrite replaces it, "
-                             f"--run-dir puts this one elsewhere")
+            raise ValueError(
+                f"{run_dir} already holds a run: --resume continues it, --overwrite replaces it, "
+                f"--run-dir puts this one elsewhere"
+            )
         resumed = load_checkpoint(out)
         made_with = {**asdict(Args()), **resumed["args"]}  # a setting newer than the checkpoint: its default
-        differs = [f"--{k.replace('_', '-')} {made_with[k]!r} (checkpoint) vs {v!r} (now)"
-                   for k, v in asdict(args).items() if k not in RUN_CONTROL and made_with[k] != v]
+        differs = [
+            f"--{k.replace('_', '-')} {made_with[k]!r} (checkpoint) vs {v!r} (now)"
+            for k, v in asdict(args).items()
+            if k not in RUN_CONTROL and made_with[k] != v
+        ]
         if differs:
             raise ValueError(f"cannot resume {out}: it was made with other settings: {'; '.join(differs)}")
     margs, data = pretrained["model_args"], []
     for name in names:  # every task's data up front: a missing or mismatched file fails before any training
-        tasks, dataset, pools, _ = load_data([name], args.data_dir, 0, margs["context_len"], margs["act_dim"],
-                                             margs["n_bins"], args.seed + len(data))
+        tasks, dataset, pools, _ = load_data(
+            [name], args.data_dir, 0, margs["context_len"], margs["act_dim"], margs["n_bins"], args.seed + len(data)
+        )
         data.append((tasks[0], dataset, pools))
     return pretrained, resumed, data
+
+
+def train_step(model, optimizer, dataset, pools, args, task_ids, anchor, importance, autocast, device):
+    """One gradient step on the method's objective: the action loss, minus L2M's key pull, plus L2/EWC's penalty.
+    -> (action loss, accuracy, routing)."""
+    b = {k: v.to(device, non_blocking=True) for k, v in dataset.sample(args.batch_size, pools).items()}
+    with autocast:
+        inputs = (b["states"], b["returns"], b["action_bins"], b["rewards"], b["timesteps"], b["step_mask"])
+        logits, routing = model(*inputs, task_ids)
+    loss, accuracy = action_loss(logits, b["action_bins"], b["valid"])
+    objective = loss
+    if args.method in ("l2m", "l2m-oracle"):
+        objective = objective - args.pull_coef * routing["pull"]  # L2M: pull chosen keys toward queries
+    if anchor is not None:
+        objective = objective + args.reg_lambda * quadratic_penalty(model, anchor, importance)
+    optimizer.zero_grad(set_to_none=True)
+    objective.backward()
+    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.grad_clip)
+    optimizer.step()
+    return loss, accuracy, routing
+
+
+def train_task(step_fn, steps, name, pool_size):
+    """`steps` calls of step_fn with a progress bar (a plain line every 500 steps in a log). -> (losses, seconds)."""
+    start, losses = time.perf_counter(), []
+    bar = tqdm(range(steps), desc=name, dynamic_ncols=True, disable=not sys.stderr.isatty())
+    for step in bar:
+        loss, accuracy, routing = step_fn()
+        losses.append(loss.item())
+        if step % 10 == 0 or step + 1 == steps:
+            used = f" entries {sorted(set(routing['index'].tolist()))}" if pool_size > 1 else ""
+            status = f"loss {loss.item():.3f} acc {accuracy.item():.3f}{used}"
+            bar.set_postfix_str(status)
+            if bar.disable and (step + 1) % 500 == 0:  # a log file gets a plain line instead of a progress bar
+                ms = 1e3 * (time.perf_counter() - start) / (step + 1)
+                print(f"{name} | step {step + 1} | {status} | {ms:.0f} ms/step", flush=True)
+    return losses, time.perf_counter() - start
+
+
+def consolidate(model, args, dataset, pools, device, autocast, importance):
+    """L2/EWC after a task: the anchor the next tasks are pulled toward (the weights now) and, for EWC, the Fisher
+    summed over the tasks so far. -> (anchor, importance)."""
+    if args.method == "ewc":
+        fisher = fisher_diagonal(model, dataset, pools, args, device, autocast)
+        importance = fisher if importance is None else {n: importance[n] + fisher[n] for n in fisher}
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}, importance
 
 
 def main(args):
@@ -277,13 +359,15 @@ def main(args):
 
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    print(f"{args.method} on {n_tasks} tasks: {trainable:,} trainable of {total:,} parameters ({trainable / total:.1%}) | "
-          f"{device}, {torch.get_num_threads()} threads")
+    print(
+        f"{args.method} on {n_tasks} tasks: {trainable:,} trainable of {total:,} parameters ({trainable / total:.1%})"
+        f" | {device}, {torch.get_num_threads()} threads"
+    )
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16(args.precision, device))
     oracle = args.method == "l2m-oracle"
-    tokens_per_step = args.batch_size * model.cfg.context_len * model.cfg.tokens_per_step
     start_all = time.perf_counter()
 
+    # --- the sequence: train on each task, then evaluate every task and save -------------------------------
     for task_index in range(first_task, n_tasks):
         task, dataset, pools = data[task_index]
         if model.pool is not None:
@@ -293,46 +377,15 @@ def main(args):
         # moving on their momentum while the next task trains (zero gradient, non-zero update); fresh moments leave
         # every entry the new task does not select bit-identical. The authors keep one optimizer for the sequence.
         optimizer = model.configure_optimizer(args.lr, args.weight_decay)
-
-        def train_step():
-            b = {k: v.to(device, non_blocking=True) for k, v in dataset.sample(args.batch_size, pools).items()}
-            with autocast:
-                logits, routing = model(b["states"], b["returns"], b["action_bins"], b["rewards"], b["timesteps"],
-                                        b["step_mask"], task_ids)
-            loss, accuracy = action_loss(logits, b["action_bins"], b["valid"])
-            objective = loss
-            if args.method in ("l2m", "l2m-oracle"):
-                objective = objective - args.pull_coef * routing["pull"]  # L2M: pull chosen keys toward queries
-            if anchor is not None:
-                objective = objective + args.reg_lambda * quadratic_penalty(model, anchor, importance)
-            optimizer.zero_grad(set_to_none=True)
-            objective.backward()
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.grad_clip)
-            optimizer.step()
-            return loss, accuracy, routing
-
+        step_fn = functools.partial(
+            train_step, model, optimizer, dataset, pools, args, task_ids, anchor, importance, autocast, device
+        )
         if args.bench:
-            return bench(model, sequence, train_step, args, tokens_per_step, device, oracle)
-        start, losses = time.perf_counter(), []
+            return bench(model, sequence, step_fn, args, device, oracle)
         name = f"task {task_index + 1}/{n_tasks} {task['name']}"
-        bar = tqdm(range(args.steps_per_task), desc=name, dynamic_ncols=True, disable=not sys.stderr.isatty())
-        for step in bar:
-            loss, accuracy, routing = train_step()
-            losses.append(loss.item())
-            if step % 10 == 0 or step + 1 == args.steps_per_task:
-                used = f" entries {sorted(set(routing['index'].tolist()))}" if routing is not None and model.pool.size > 1 else ""
-                status = f"loss {loss.item():.3f} acc {accuracy.item():.3f}{used}"
-                bar.set_postfix_str(status)
-                if bar.disable and (step + 1) % 500 == 0:  # a log file gets a plain line instead of a progress bar
-                    ms = 1e3 * (time.perf_counter() - start) / (step + 1)
-                    print(f"{name} | step {step + 1} | {status} | {ms:.0f} ms/step", flush=True)
-        train_seconds = time.perf_counter() - start
-
+        losses, train_seconds = train_task(step_fn, args.steps_per_task, name, model.pool.size if model.pool else 0)
         if args.method in ("l2", "ewc"):  # the next tasks are pulled toward the weights after this one
-            if args.method == "ewc":
-                fisher = fisher_diagonal(model, dataset, pools, args, device, autocast)
-                importance = fisher if importance is None else {n: importance[n] + fisher[n] for n in fisher}
-            anchor = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+            anchor, importance = consolidate(model, args, dataset, pools, device, autocast, importance)
 
         model.eval()
         start = time.perf_counter()
@@ -340,46 +393,62 @@ def main(args):
         set_training(model, frozen_eval)
         success.append([r["success"] for r in results])
         success_any.append([r["success_any"] for r in results])
-        stages.append(dict(task=task["name"], train_loss=float(np.mean(losses[-100:])), train_seconds=train_seconds,
-                           eval_seconds=time.perf_counter() - start, results=results))
-        print(f"after {task['name']}: loss {stages[-1]['train_loss']:.3f} | success at the last step "
-              f"[{' '.join(f'{s:.1f}' for s in success[-1])}], any step [{' '.join(f'{s:.1f}' for s in success_any[-1])}] | "
-              f"{train_seconds:.0f} s training ({args.steps_per_task / train_seconds:.1f} steps/s, "
-              f"{1e3 * train_seconds / args.steps_per_task:.0f} ms/step), {stages[-1]['eval_seconds']:.0f} s evaluating")
-
-        state = {n: v for n, v in model.state_dict().items() if n.startswith("pool.")} if pool_args else model.state_dict()
+        stages.append(
+            dict(
+                task=task["name"],
+                train_loss=float(np.mean(losses[-100:])),
+                loss_curve=[float(np.mean(losses[i : i + CURVE_EVERY])) for i in range(0, len(losses), CURVE_EVERY)],
+                train_seconds=train_seconds,
+                eval_seconds=time.perf_counter() - start,
+                results=results,
+            )
+        )
+        print(
+            f"after {task['name']}: loss {stages[-1]['train_loss']:.3f} | success at the last step "
+            f"[{' '.join(f'{s:.1f}' for s in success[-1])}], any step "
+            f"[{' '.join(f'{s:.1f}' for s in success_any[-1])}] | {train_seconds:.0f} s training "
+            f"({1e3 * train_seconds / args.steps_per_task:.0f} ms/step), {stages[-1]['eval_seconds']:.0f} s evaluating"
+        )
+        state = model.state_dict()
         save_atomic(dict(
-            kind="finetune", method=args.method, args=asdict(args), command=command_line(args), model_args=pretrained["model_args"],
-            pretrained=dict(path=os.path.abspath(args.ckpt), step=pretrained["step"], sha256=backbone_hash), pool_args=pool_args,
-            model=state, tasks=sequence, success=success, success_any=success_any, stages=stages,
-            anchor=anchor, importance=importance, rng=torch.get_rng_state(), trainable_params=trainable,
-            cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-        ), out)
+            kind="finetune", method=args.method, args=asdict(args), command=command_line(args), tasks=sequence,
+            model_args=pretrained["model_args"], pool_args=pool_args, trainable_params=trainable,
+            pretrained=dict(path=os.path.abspath(args.ckpt), step=pretrained["step"], sha256=backbone_hash),
+            model={n: v for n, v in state.items() if n.startswith("pool.")} if pool_args else state,
+            success=success, success_any=success_any, stages=stages, anchor=anchor, importance=importance,
+            rng=torch.get_rng_state(), cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        ), out)  # fmt: skip
 
-    report = write_sequence_report(run_dir, load_checkpoint(out))
-    print(report)
+    print(write_sequence_report(run_dir, load_checkpoint(out)))
     print(f"{time.perf_counter() - start_all:.0f} s in all | wrote {out} and {run_dir}/results.json, results.md, *.png")
 
 
-def bench(model, sequence, train_step, args, tokens_per_step, device, oracle):
+def bench(model, sequence, step_fn, args, device, oracle):
     """--bench N: ms/step and tokens/s of N training steps (after 3 warm-up steps), then one evaluation of the
     sequence with its model/simulator split. Writes nothing."""
+    tokens_per_step = args.batch_size * model.cfg.context_len * model.cfg.tokens_per_step
     for _ in range(3):
-        train_step()
+        step_fn()
     start = time.perf_counter()
     for _ in range(args.bench):
-        train_step()
+        step_fn()
     seconds = (time.perf_counter() - start) / args.bench
-    print(f"bench {args.method}: {seconds * 1e3:.1f} ms/step, {tokens_per_step / seconds:,.0f} tokens/s "
-          f"(batch {args.batch_size}, {torch.get_num_threads()} threads)")
+    print(
+        f"bench {args.method}: {seconds * 1e3:.1f} ms/step, {tokens_per_step / seconds:,.0f} tokens/s "
+        f"(batch {args.batch_size}, {torch.get_num_threads()} threads)"
+    )
     model.eval()
     timings, start = [], time.perf_counter()
-    results = evaluate_tasks(model, sequence, args.eval_episodes, device, list(range(len(sequence))) if oracle else None, timings)
+    results = evaluate_tasks(
+        model, sequence, args.eval_episodes, device, list(range(len(sequence))) if oracle else None, timings
+    )
     total = time.perf_counter() - start
     steps = sum(r["env_steps"] for r in results)
     build_s, model_s, env_s = (sum(t[k] for t in timings) for k in ("build_seconds", "model_seconds", "env_seconds"))
-    print(f"bench evaluation: {steps:,} env steps in {total:.1f} s | building envs {build_s / total:.0%}, "
-          f"model {model_s / total:.0%}, simulator {env_s / total:.0%}")
+    print(
+        f"bench evaluation: {steps:,} env steps in {total:.1f} s | building envs {build_s / total:.0%}, "
+        f"model {model_s / total:.0%}, simulator {env_s / total:.0%}"
+    )
 
 
 if __name__ == "__main__":

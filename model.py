@@ -10,6 +10,7 @@ Token layout of one timestep t (the authors' `tok_to_pos`, reward-conditioned):
 Action dim j is predicted from the output at the token before it: a^1 from R_t, a^j from a^(j-1).
 So the A outputs at positions 1..A of each timestep are the action predictions; s_t and r_t predict nothing.
 """
+
 import math
 from dataclasses import dataclass
 
@@ -87,25 +88,25 @@ class ModulationPool(nn.Module):
 
     def start_task(self, task_index):
         """At a task switch: refresh the inverse-frequency weights; the penalty applies from the second task on."""
-        inv = 1.0 / (self.counts + 1e-6)
+        inv = 1.0 / (self.counts + 1e-6)  # L2M: inverse selection frequency of the tasks so far
         self.inv_counts.copy_(inv / inv.sum())
         self.penalize.fill_(task_index > 0)
 
     def select(self, query, task_ids=None):
         """query (B, C) -> entry index (B,), cosine similarity to every key (B, P)."""
         with torch.autocast(query.device.type, enabled=False):  # fp32 even under bf16 autocast, as the authors
-            sim = F.normalize(query.float(), dim=-1) @ F.normalize(self.keys.float(), dim=-1).T  # (B, P)
+            sim = F.normalize(query.float(), dim=-1) @ F.normalize(self.keys.float(), dim=-1).T  # (B, P) L2M: cosine
             score = sim
             if self.training and self.penalize:
-                score = (sim + 1.0) / 2.0 * self.inv_counts  # (B, P)
-        if self.n_groups > 0:  # oracle: only the entries of the sample's own task group
+                score = (sim + 1.0) / 2.0 * self.inv_counts  # (B, P) L2M: count penalty
+        if self.n_groups > 0:  # L2M oracle: only the entries of the sample's own task group
             group = torch.arange(self.size, device=sim.device) // (self.size // self.n_groups)  # (P,)
             score = score.masked_fill(group[None, :] != task_ids[:, None], float("-inf"))
         index = score.argmax(dim=-1)  # (B,) L2M: top-1
         if self.training:
             histogram = torch.bincount(index, minlength=self.size).float() / len(index)  # (P,)
             self.n_batches += 1
-            self.counts += (histogram - self.counts) / self.n_batches
+            self.counts += (histogram - self.counts) / self.n_batches  # L2M: selection frequency
         return index, sim
 
     def gather(self, index):
@@ -120,14 +121,35 @@ class ModulationPool(nn.Module):
         used, slot = torch.unique(index, return_inverse=True)  # (U,), (B,): the entries in use, each sample's slot
         L, r = self.q_a.shape[1], self.q_a.shape[-1]
         if len(used) > DENSE_ENTRIES and not torch.is_grad_enabled():
-            return [dict(q_a=self.q_a[index, l], q_b=self.q_b[index, l], v_a=self.v_a[index, l], v_b=self.v_b[index, l],
-                         mlp_a=self.mlp_a[index, l], mlp_b=self.mlp_b[index, l], select=None, scale=self.scale)
-                    for l in range(L)]
+            return [
+                dict(
+                    q_a=self.q_a[index, layer],
+                    q_b=self.q_b[index, layer],
+                    v_a=self.v_a[index, layer],
+                    v_b=self.v_b[index, layer],
+                    mlp_a=self.mlp_a[index, layer],
+                    mlp_b=self.mlp_b[index, layer],
+                    select=None,
+                    scale=self.scale,
+                )
+                for layer in range(L)
+            ]
         select = F.one_hot(slot, len(used)).bool().repeat_interleave(r, dim=1)  # (B, U*r)
         a = [p[used].permute(1, 2, 0, 3).flatten(2) for p in (self.q_a, self.v_a, self.mlp_a)]  # (L, in, U*r) each
         b = [p[used].permute(1, 0, 2, 3).flatten(1, 2) for p in (self.q_b, self.v_b, self.mlp_b)]  # (L, U*r, out) each
-        return [dict(q_a=a[0][l], v_a=a[1][l], mlp_a=a[2][l], q_b=b[0][l], v_b=b[1][l], mlp_b=b[2][l],
-                     select=select, scale=self.scale) for l in range(L)]
+        return [
+            dict(
+                q_a=a[0][layer],
+                v_a=a[1][layer],
+                mlp_a=a[2][layer],
+                q_b=b[0][layer],
+                v_b=b[1][layer],
+                mlp_b=b[2][layer],
+                select=select,
+                scale=self.scale,
+            )
+            for layer in range(L)
+        ]
 
 
 DENSE_ENTRIES = 4  # acting with more entries than this in a batch, modulators are applied per sample (see gather)
@@ -249,12 +271,15 @@ class DecisionTransformer(nn.Module):
         """states (B, K, 204), returns (B, K), action_bins (B, K, A) long, rewards (B, K), timesteps (B, K)
         -> tokens (B, K*S, C), interleaved [s, R, a^1..a^A, r] per timestep, after the embedding LayerNorm."""
         B, K = returns.shape
-        tokens = torch.cat([
-            self.embed_state(states).unsqueeze(2),  # (B, K, 1, C)
-            self.embed_return(returns.unsqueeze(-1)).unsqueeze(2),  # (B, K, 1, C)
-            self.embed_action(action_bins),  # (B, K, A, C)
-            self.embed_reward(rewards.unsqueeze(-1)).unsqueeze(2),  # (B, K, 1, C)
-        ], dim=2)  # (B, K, S, C)
+        tokens = torch.cat(
+            [
+                self.embed_state(states).unsqueeze(2),  # (B, K, 1, C)
+                self.embed_return(returns.unsqueeze(-1)).unsqueeze(2),  # (B, K, 1, C)
+                self.embed_action(action_bins),  # (B, K, A, C)
+                self.embed_reward(rewards.unsqueeze(-1)).unsqueeze(2),  # (B, K, 1, C)
+            ],
+            dim=2,
+        )  # (B, K, S, C)
         tokens = tokens + self.embed_timestep(timesteps).unsqueeze(2)  # the step's embedding on every token of it
         return self.embed_ln(tokens.reshape(B, K * self.cfg.tokens_per_step, -1))  # (B, T, C)
 
@@ -273,7 +298,7 @@ class DecisionTransformer(nn.Module):
         S = self.cfg.tokens_per_step
         state_tokens = tokens[:, ::S]  # (B, K, C): position 0 of every timestep
         m = step_mask.unsqueeze(-1).to(tokens.dtype)  # (B, K, 1)
-        return (state_tokens * m).sum(1) / m.sum(1).clamp(min=1.0)  # (B, C)
+        return (state_tokens * m).sum(1) / m.sum(1).clamp(min=1.0)  # (B, C) L2M: the query
 
     # --- forward -----------------------------------------------------------------------------------------
 
@@ -334,7 +359,9 @@ class DecisionTransformer(nn.Module):
             action_bins[:, -1, j] = self.action_head(self.ln_f(x[:, -1])).argmax(-1)  # (B,)
             if j + 1 < act_dim:  # embed just the new action token: its own embedding + time, then the LayerNorm
                 t = timesteps[:, -1]
-                x = self.embed_ln(self.embed_action(action_bins[:, -1, j]) + self.embed_timestep(t))[:, None]  # (B, 1, C)
+                x = self.embed_ln(self.embed_action(action_bins[:, -1, j]) + self.embed_timestep(t))[
+                    :, None
+                ]  # (B, 1, C)
                 rows = slice(prefix + j, prefix + j + 1)
         return action_bins[:, -1, :act_dim], routing
 
@@ -356,7 +383,9 @@ def resolve_device(name):
     """'auto' -> cuda when present, else Apple's mps, else cpu (never a hard cuda default). A device this machine
     lacks is a ValueError that says so."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
+        return torch.device(
+            "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+        )
     available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
     if name.split(":")[0] not in available:
         raise ValueError(f"unknown --device {name!r}: use auto, cpu, cuda or mps")
@@ -385,4 +414,3 @@ def action_loss(logits, target_bins, valid):
     loss = F.cross_entropy(chosen_logits.float(), chosen_targets)
     accuracy = (chosen_logits.argmax(-1) == chosen_targets).float().mean()
     return loss, accuracy
-

@@ -10,6 +10,7 @@ Examples:
   python pretrain.py --resume                         # continue an interrupted run
   torchrun --nproc_per_node 2 pretrain.py ...         # data-parallel (NCCL on GPUs, gloo on CPU)
 """
+
 import json
 import math
 import os
@@ -23,6 +24,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from collect import DMC16, check_output, env_dims, is_metaworld, load_checkpoint, parse_args, resolve_tasks, save_atomic
+from evaluate import plot_pretraining
 from model import ActionTokenizer, DecisionTransformer, DTConfig, action_loss, resolve_device, use_bf16
 
 REWARD_SCALE = {"metaworld": 200.0, "dmcontrol": 100.0}  # rewards and returns-to-go are divided by these (authors)
@@ -99,15 +101,21 @@ def load_task(path):
         with np.load(path) as f:
             data = {k: f[k] for k in f.files}
     except Exception as e:
-        raise ValueError(f"{path}: not a readable npz file ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})") from None
+        raise ValueError(
+            f"{path}: not a readable npz file ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})"
+        ) from None
     missing = {"observations", "actions", "rewards", "dones"} - set(data)
     if missing:
-        raise ValueError(f"{path}: missing keys {sorted(missing)} (the data contract needs observations, actions, rewards, dones)")
+        raise ValueError(
+            f"{path}: missing keys {sorted(missing)} (the data contract needs observations, actions, rewards, dones)"
+        )
     obs, act, rew, done = data["observations"], data["actions"], data["rewards"], data["dones"]
     n = len(obs)
     if obs.ndim != 2 or act.ndim != 2 or rew.shape != (n,) or done.shape != (n,) or len(act) != n or n == 0:
-        raise ValueError(f"{path}: expected observations (N, obs_dim), actions (N, act_dim), rewards (N,), dones (N,); "
-                         f"got {obs.shape}, {act.shape}, {rew.shape}, {done.shape}")
+        raise ValueError(
+            f"{path}: expected observations (N, obs_dim), actions (N, act_dim), rewards (N,), dones (N,); "
+            f"got {obs.shape}, {act.shape}, {rew.shape}, {done.shape}"
+        )
     if obs.shape[1] > MAX_STATE_DIM or act.shape[1] > 6:
         raise ValueError(f"{path}: obs_dim {obs.shape[1]} > {MAX_STATE_DIM} or act_dim {act.shape[1]} > 6")
     for key in ("observations", "actions", "rewards"):
@@ -115,8 +123,12 @@ def load_task(path):
             raise ValueError(f"{path}: {key} contains NaN or inf")
     if not done[-1]:
         raise ValueError(f"{path}: the last transition must end an episode (dones[-1] is False)")
-    return dict(observations=obs.astype(np.float32), actions=np.clip(act, -1, 1).astype(np.float32),
-                rewards=rew.astype(np.float32), dones=done.astype(bool))
+    return dict(
+        observations=obs.astype(np.float32),
+        actions=np.clip(act, -1, 1).astype(np.float32),
+        rewards=rew.astype(np.float32),
+        dones=done.astype(bool),
+    )
 
 
 class WindowDataset:
@@ -128,12 +140,20 @@ class WindowDataset:
     def __init__(self, tasks, episodes, K, act_dim, n_bins, seed):
         self.tasks, self.K, self.act_dim, self.n_bins = tasks, K, act_dim, n_bins
         width = max(t["obs_dim"] for t in tasks)
-        self.obs = np.concatenate([np.pad(e["observations"], ((0, 0), (0, width - e["observations"].shape[1]))) for e in episodes])
+        self.obs = np.concatenate(
+            [np.pad(e["observations"], ((0, 0), (0, width - e["observations"].shape[1]))) for e in episodes]
+        )
         tokenizer = ActionTokenizer(n_bins)
         bins = [tokenizer.encode(torch.from_numpy(e["actions"])).numpy() for e in episodes]
-        self.bins = np.concatenate([np.pad(b, ((0, 0), (0, act_dim - b.shape[1])), constant_values=n_bins) for b in bins]).astype(np.int64)
-        self.rewards = np.concatenate([e["rewards"] / tasks[e["task"]]["reward_scale"] for e in episodes]).astype(np.float32)
-        self.rtg = np.concatenate([np.cumsum(e["rewards"][::-1])[::-1] / tasks[e["task"]]["reward_scale"] for e in episodes]).astype(np.float32)
+        self.bins = np.concatenate(
+            [np.pad(b, ((0, 0), (0, act_dim - b.shape[1])), constant_values=n_bins) for b in bins]
+        ).astype(np.int64)
+        self.rewards = np.concatenate([e["rewards"] / tasks[e["task"]]["reward_scale"] for e in episodes]).astype(
+            np.float32
+        )
+        self.rtg = np.concatenate(
+            [np.cumsum(e["rewards"][::-1])[::-1] / tasks[e["task"]]["reward_scale"] for e in episodes]
+        ).astype(np.float32)
         self.ep_len = np.array([len(e["rewards"]) for e in episodes])
         self.ep_start = np.r_[0, np.cumsum(self.ep_len)[:-1]]
         self.ep_task = np.array([e["task"] for e in episodes])
@@ -154,8 +174,14 @@ class WindowDataset:
         bins = np.where(step_mask[..., None], self.bins[index], self.n_bins)  # (B, K, A)
         valid = step_mask[..., None] & (np.arange(self.act_dim) < self.task_act_dim[task][:, None, None])  # (B, K, A)
         batch = dict(
-            states=states, returns=self.rtg[index] * step_mask, action_bins=bins, rewards=self.rewards[index] * step_mask,
-            timesteps=self.timestep[index] * step_mask, step_mask=step_mask, valid=valid, task_ids=task,
+            states=states,
+            returns=self.rtg[index] * step_mask,
+            action_bins=bins,
+            rewards=self.rewards[index] * step_mask,
+            timesteps=self.timestep[index] * step_mask,
+            step_mask=step_mask,
+            valid=valid,
+            task_ids=task,
         )
         return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()}
 
@@ -175,39 +201,58 @@ def load_data(names, data_dir, holdout_episodes, K, act_dim, n_bins, seed):
     """-> (task table, WindowDataset, training episode pools per domain, held-out episode ids per task)."""
     missing = [n for n in names if not os.path.isfile(os.path.join(data_dir, f"{n}.npz"))]
     if missing:
-        raise FileNotFoundError(f"no data for {', '.join(missing)} in {data_dir}/: make it with "
-                                f"`python collect.py --tasks {','.join(missing)} --data-dir {data_dir}`")
+        raise FileNotFoundError(
+            f"no data for {', '.join(missing)} in {data_dir}/: make it with "
+            f"`python collect.py --tasks {','.join(missing)} --data-dir {data_dir}`"
+        )
     tasks, episodes, heldout = [], [], []
     for i, name in enumerate(names):
         path = os.path.join(data_dir, f"{name}.npz")
         data = load_task(path)
         found, expected = (data["observations"].shape[1], data["actions"].shape[1]), env_dims(name)
         if found != expected:
-            raise ValueError(f"{path} has {found[0]} observation columns and {found[1]} action dims, but the {name} "
-                             f"environment has {expected[0]} and {expected[1]}: collect it again with "
-                             f"`python collect.py --tasks {name} --data-dir {data_dir} --overwrite`")
+            raise ValueError(
+                f"{path} has {found[0]} observation columns and {found[1]} action dims, but the {name} "
+                f"environment has {expected[0]} and {expected[1]}: collect it again with "
+                f"`python collect.py --tasks {name} --data-dir {data_dir} --overwrite`"
+            )
         domain = "metaworld" if is_metaworld(name) else "dmcontrol"
         ends = np.flatnonzero(data["dones"]) + 1
         starts = np.r_[0, ends[:-1]]
         returns = np.add.reduceat(data["rewards"], starts)
         if len(ends) <= holdout_episodes:
-            raise ValueError(f"{data_dir}/{name}.npz has {len(ends)} episodes; need more than --holdout-episodes {holdout_episodes}")
-        tasks.append(dict(name=name, domain=domain, obs_dim=int(data["observations"].shape[1]),
-                          act_dim=int(data["actions"].shape[1]), reward_scale=REWARD_SCALE[domain],
-                          target_return=float(returns.max()), episodes=len(ends), transitions=len(data["rewards"])))
+            raise ValueError(
+                f"{data_dir}/{name}.npz has {len(ends)} episodes; need more than --holdout-episodes {holdout_episodes}"
+            )
+        tasks.append(
+            dict(
+                name=name,
+                domain=domain,
+                obs_dim=int(data["observations"].shape[1]),
+                act_dim=int(data["actions"].shape[1]),
+                reward_scale=REWARD_SCALE[domain],
+                target_return=float(returns.max()),
+                episodes=len(ends),
+                transitions=len(data["rewards"]),
+            )
+        )
         for j, (s, e) in enumerate(zip(starts, ends)):
             if j >= len(ends) - holdout_episodes:
                 heldout.append(len(episodes))
             episodes.append(dict(task=i, **{k: data[k][s:e] for k in ("observations", "actions", "rewards")}))
     for t in tasks:
         if t["act_dim"] > act_dim:
-            raise ValueError(f"{data_dir}/{t['name']}.npz has {t['act_dim']} action dims but the model takes at most {act_dim} "
-                             f"(pretrain.py --act-dim sets it; 6 covers every task)")
+            raise ValueError(
+                f"{data_dir}/{t['name']}.npz has {t['act_dim']} action dims but the model takes at most {act_dim} "
+                f"(pretrain.py --act-dim sets it; 6 covers every task)"
+            )
     dataset = WindowDataset(tasks, episodes, K, act_dim, n_bins, seed)
     train = np.setdiff1d(np.arange(len(episodes)), heldout)
     domains = sorted({t["domain"] for t in tasks})
     pools = [train[[tasks[dataset.ep_task[e]]["domain"] == d for e in train]] for d in domains]
-    heldout_by_task = {i: np.array([e for e in heldout if dataset.ep_task[e] == i]) for i in range(len(tasks)) if holdout_episodes}
+    heldout_by_task = {
+        i: np.array([e for e in heldout if dataset.ep_task[e] == i]) for i in range(len(tasks)) if holdout_episodes
+    }
     return tasks, dataset, pools, heldout_by_task
 
 
@@ -221,7 +266,6 @@ def lr_at(step, args):
         return args.lr * (step + 1) / args.warmup_steps
     progress = (step - args.warmup_steps) / max(1, args.steps - args.warmup_steps)
     return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
-
 
 
 @torch.no_grad()
@@ -264,12 +308,20 @@ def main(args):
 
     try:
         if min(args.steps, args.batch_size, args.eval_every, args.save_every, args.context_len, args.n_layer) < 1:
-            raise ValueError("--steps, --batch-size, --eval-every, --save-every, --context-len and --n-layer must be at least 1")
+            raise ValueError(
+                "--steps, --batch-size, --eval-every, --save-every, --context-len and --n-layer must be at least 1"
+            )
         if args.lr <= 0 or args.holdout_episodes < 0 or args.n_head < 1 or args.n_embd % args.n_head:
-            raise ValueError(f"need --lr > 0, --holdout-episodes >= 0 and --n-head dividing --n-embd ({args.n_embd} by {args.n_head})")
+            raise ValueError(
+                "need --lr > 0, --holdout-episodes >= 0 and --n-head dividing --n-embd "
+                f"({args.n_embd} by {args.n_head})"
+            )
         check_output(args.out, "--out", is_dir=False)
         if os.path.exists(args.out) and not (args.resume or args.overwrite or args.bench):
-            raise ValueError(f"{args.out} exists: --resume continues that run, --overwrite replaces it, --out puts this one elsewhere")
+            raise ValueError(
+                f"{args.out} exists: --resume continues that run, --overwrite replaces it, "
+                "--out puts this one elsewhere"
+            )
         names = resolve_tasks(args.tasks)
         bf16 = use_bf16(args.precision, device)
         act_dim = args.act_dim or max(6 if n in DMC16 else 4 for n in names)
@@ -278,19 +330,29 @@ def main(args):
             print(f"no checkpoint at {args.out} yet: starting a new run")
         if args.resume and os.path.exists(args.out):
             ckpt = load_checkpoint(args.out)
-            differs = [f"--{k.replace('_', '-')} {ckpt['args'][k]!r} (checkpoint) vs {v!r} (now)" for k, v in asdict(args).items()
-                       if k not in RUN_CONTROL and ckpt["args"].get(k) != v]
+            differs = [
+                f"--{k.replace('_', '-')} {ckpt['args'][k]!r} (checkpoint) vs {v!r} (now)"
+                for k, v in asdict(args).items()
+                if k not in RUN_CONTROL and ckpt["args"].get(k) != v
+            ]
             if ckpt.get("world_size", 1) != world_size:
                 differs.append(f"{ckpt.get('world_size', 1)} processes (checkpoint) vs {world_size} (now)")
             if differs:
                 raise ValueError(f"cannot resume {args.out}: it was made with other settings: {'; '.join(differs)}")
-        tasks, dataset, pools, heldout = load_data(names, args.data_dir, args.holdout_episodes, args.context_len, act_dim,
-                                                   DTConfig.n_bins, args.seed + rank)
+        tasks, dataset, pools, heldout = load_data(
+            names, args.data_dir, args.holdout_episodes, args.context_len, act_dim, DTConfig.n_bins, args.seed + rank
+        )
     except (ValueError, FileNotFoundError) as e:
         fail(e)
 
-    cfg = DTConfig(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout,
-                   context_len=args.context_len, act_dim=act_dim)
+    cfg = DTConfig(
+        n_layer=args.n_layer,
+        n_head=args.n_head,
+        n_embd=args.n_embd,
+        dropout=args.dropout,
+        context_len=args.context_len,
+        act_dim=act_dim,
+    )
     torch.manual_seed(args.seed)  # same initial weights on every rank
     model = DecisionTransformer(cfg).to(device)
     optimizer = model.configure_optimizer(args.lr, args.weight_decay)
@@ -317,7 +379,9 @@ def main(args):
             group["lr"] = lr
         b = {k: v.to(device, non_blocking=True) for k, v in dataset.sample(args.batch_size, pools).items()}
         with autocast:
-            logits, _ = train_model(b["states"], b["returns"], b["action_bins"], b["rewards"], b["timesteps"], b["step_mask"])
+            logits, _ = train_model(
+                b["states"], b["returns"], b["action_bins"], b["rewards"], b["timesteps"], b["step_mask"]
+            )
         loss, accuracy = action_loss(logits, b["action_bins"], b["valid"])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -333,8 +397,11 @@ def main(args):
             train_step(args.lr)
         seconds = (time.perf_counter() - start) / args.bench
         if is_main:
-            print(f"bench: {seconds * 1e3:.1f} ms/step, {tokens_per_step / seconds:,.0f} tokens/s | batch {args.batch_size} x "
-                  f"{world_size} process(es), {torch.get_num_threads()} threads, {'bf16' if bf16 else 'fp32'} (nothing written)")
+            print(
+                f"bench: {seconds * 1e3:.1f} ms/step, {tokens_per_step / seconds:,.0f} tokens/s | "
+                f"batch {args.batch_size} x {world_size} process(es), {torch.get_num_threads()} threads, "
+                f"{'bf16' if bf16 else 'fp32'} (nothing written)"
+            )
         if world_size > 1:
             dist.destroy_process_group()
         return
@@ -342,20 +409,37 @@ def main(args):
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         if ckpt is None and os.path.exists(metrics_path):  # a new run starts a new log
             os.remove(metrics_path)
-        print(f"{n_params / 1e6:.2f}M parameters | {len(tasks)} tasks, {sum(t['transitions'] for t in tasks):,} transitions | "
-              f"{world_size} process(es) on {device} | {tokens_per_step} tokens per step | "
-              f"{'bf16' if bf16 else 'fp32'}" + (f" | resuming at step {step}" if step else ""))
+        print(
+            f"{n_params / 1e6:.2f}M parameters | {len(tasks)} tasks, "
+            f"{sum(t['transitions'] for t in tasks):,} transitions | "
+            f"{world_size} process(es) on {device} | {tokens_per_step} tokens per step | "
+            f"{'bf16' if bf16 else 'fp32'}" + (f" | resuming at step {step}" if step else "")
+        )
 
     def checkpoint():
-        rng = dict(numpy=[dataset.rng.bit_generator.state], torch=[torch.get_rng_state()],
-                   cuda=[torch.cuda.get_rng_state(device) if device.type == "cuda" else None])
+        rng = dict(
+            numpy=[dataset.rng.bit_generator.state],
+            torch=[torch.get_rng_state()],
+            cuda=[torch.cuda.get_rng_state(device) if device.type == "cuda" else None],
+        )
         if world_size > 1:  # every rank's sampling and dropout state, gathered on rank 0
             gathered = [None] * world_size
             dist.all_gather_object(gathered, rng)
             rng = {key: [g[key][0] for g in gathered] for key in rng}
         if is_main:
-            save_atomic(dict(model=model.state_dict(), model_args=asdict(cfg), args=asdict(args), tasks=tasks,
-                             optimizer=optimizer.state_dict(), rng=rng, step=step, world_size=world_size), args.out)
+            save_atomic(
+                dict(
+                    model=model.state_dict(),
+                    model_args=asdict(cfg),
+                    args=asdict(args),
+                    tasks=tasks,
+                    optimizer=optimizer.state_dict(),
+                    rng=rng,
+                    step=step,
+                    world_size=world_size,
+                ),
+                args.out,
+            )
 
     # --- the training loop ----------------------------------------------------------------------------------
     bar = tqdm(total=args.steps, initial=step, disable=not (is_main and sys.stderr.isatty()), dynamic_ncols=True)
@@ -367,8 +451,10 @@ def main(args):
         timed_steps += 1
         if is_main:
             seconds = time.perf_counter() - start
-            status = (f"loss {loss.item():.3f} acc {accuracy.item():.3f} lr {lr:.1e} "
-                      f"{seconds / timed_steps * 1e3:.0f} ms/step {tokens_per_step * timed_steps / seconds:,.0f} tok/s")
+            status = (
+                f"loss {loss.item():.3f} acc {accuracy.item():.3f} lr {lr:.1e} "
+                f"{seconds / timed_steps * 1e3:.0f} ms/step {tokens_per_step * timed_steps / seconds:,.0f} tok/s"
+            )
             bar.set_postfix_str(status)
             bar.update()
             if bar.disable and step % 500 == 0:  # a log file gets a plain line instead of a progress bar
@@ -379,8 +465,10 @@ def main(args):
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(dict(step=step, heldout=metrics)) + "\n")  # per task: [loss, accuracy]
             worst = sorted(metrics.items(), key=lambda kv: kv[1][1])[:3]
-            tqdm.write(f"step {step} | held-out loss {mean_loss:.3f} acc {mean_acc:.3f} | lowest acc: "
-                       + ", ".join(f"{n} {a:.2f}" for n, (_, a) in worst))
+            tqdm.write(
+                f"step {step} | held-out loss {mean_loss:.3f} acc {mean_acc:.3f} | lowest acc: "
+                + ", ".join(f"{n} {a:.2f}" for n, (_, a) in worst)
+            )
         if step % args.save_every == 0 or step == args.steps:
             checkpoint()
     bar.close()
@@ -393,11 +481,16 @@ def main(args):
             print("\nheld-out action loss / accuracy per task:")
             for name, (loss_value, acc) in metrics.items():
                 print(f"  {name:<28} {loss_value:.3f} / {acc:.3f}")
-            print(f"mean {np.mean([m[0] for m in metrics.values()]):.3f} / {np.mean([m[1] for m in metrics.values()]):.3f}")
+            losses, accuracies = zip(*metrics.values())
+            print(f"mean {np.mean(losses):.3f} / {np.mean(accuracies):.3f}")
         if timed_steps:
-            print(f"{timed_steps} steps in {seconds:.0f} s: {seconds / timed_steps * 1e3:.0f} ms/step, "
-                  f"{tokens_per_step * timed_steps / seconds:,.0f} tokens/s")
-        print(f"wrote {args.out}")
+            print(
+                f"{timed_steps} steps in {seconds:.0f} s: {seconds / timed_steps * 1e3:.0f} ms/step, "
+                f"{tokens_per_step * timed_steps / seconds:,.0f} tokens/s"
+            )
+        if os.path.exists(metrics_path):
+            plot_pretraining(metrics_path, os.path.join(os.path.dirname(args.out) or ".", "curves.png"))
+        print(f"wrote {args.out}" + (f" and {os.path.dirname(args.out) or '.'}/curves.png" if heldout else ""))
     if world_size > 1:
         dist.destroy_process_group()
 

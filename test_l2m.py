@@ -2,6 +2,7 @@
 
 Unit tests of each stage's behaviour that matters, plus end-to-end runs of the scripts as a user runs them.
 """
+
 import json
 import os
 import subprocess
@@ -20,7 +21,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def run_script(*argv, check=True):
     """Run a stage script as a user would; returns the CompletedProcess (stdout/stderr captured as text)."""
-    proc = subprocess.run([sys.executable, os.path.join(HERE, argv[0]), *argv[1:]], capture_output=True, text=True, cwd=HERE)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(HERE, argv[0]), *argv[1:]], capture_output=True, text=True, cwd=HERE
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"{argv} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -92,7 +95,12 @@ def test_sac_log_prob_matches_torch_distributions():
     torch.manual_seed(1)
     u = mean + log_std.clamp(-5, 2).exp() * torch.randn_like(mean)
     assert torch.allclose(action, torch.tanh(u))
-    assert torch.allclose(log_prob, dist.base_dist.log_prob(u).sum(-1) - torch.distributions.TanhTransform().log_abs_det_jacobian(u, action).sum(-1), atol=1e-4)
+    assert torch.allclose(
+        log_prob,
+        dist.base_dist.log_prob(u).sum(-1)
+        - torch.distributions.TanhTransform().log_abs_det_jacobian(u, action).sum(-1),
+        atol=1e-4,
+    )
 
 
 def test_sac_update_fits_the_critic_to_a_fixed_batch():
@@ -100,7 +108,10 @@ def test_sac_update_fits_the_critic_to_a_fixed_batch():
     agent = collect.SAC(obs_dim=4, act_dim=2, hidden=32, lr=1e-3)
     obs, action = torch.randn(32, 4), torch.rand(32, 2) * 2 - 1
     reward, terminal = torch.randn(32), torch.ones(32)  # terminal: the target is the reward alone
-    q_error = lambda: (agent.q1(torch.cat([obs, action], -1)).squeeze(-1) - reward).pow(2).mean().item()
+
+    def q_error():
+        return (agent.q1(torch.cat([obs, action], -1)).squeeze(-1) - reward).pow(2).mean().item()
+
     before = q_error()
     for _ in range(500):
         agent.update(obs, action, reward, obs, terminal)
@@ -116,19 +127,36 @@ def collected(tmp_path_factory):
     """The same small collection twice (scripted Meta-World + SAC DMControl), into two directories."""
     dirs = [tmp_path_factory.mktemp(f"data{i}") for i in range(2)]
     for d in dirs:
-        run_script("collect.py", "--tasks", "reach-v3,cartpole-balance", "--episodes", "2", "--data-dir", str(d),
-                   "--noise-levels", "0,0.3", "--sac-warmup-steps", "1500", "--sac-utd", "0.5")
+        run_script(
+            "collect.py",
+            "--tasks",
+            "reach-v3,cartpole-balance",
+            "--episodes",
+            "2",
+            "--data-dir",
+            str(d),
+            "--noise-levels",
+            "0,0.3",
+            "--sac-warmup-steps",
+            "1500",
+            "--sac-utd",
+            "0.5",
+        )
     return dirs
 
 
 def check_contract(path, act_dim, episodes, horizon):
     data = np.load(path)
     n = episodes * horizon
-    assert data["observations"].dtype == np.float32 and data["observations"].ndim == 2 and len(data["observations"]) == n
+    assert (
+        data["observations"].dtype == np.float32 and data["observations"].ndim == 2 and len(data["observations"]) == n
+    )
     assert data["actions"].shape == (n, act_dim) and data["actions"].dtype == np.float32
     assert np.abs(data["actions"]).max() <= 1.0
     assert data["rewards"].shape == (n,) and data["rewards"].dtype == np.float32
-    assert data["dones"].dtype == bool and np.array_equal(np.flatnonzero(data["dones"]) + 1, np.arange(1, episodes + 1) * horizon)
+    assert data["dones"].dtype == bool and np.array_equal(
+        np.flatnonzero(data["dones"]) + 1, np.arange(1, episodes + 1) * horizon
+    )
     assert np.isfinite(data["observations"]).all() and np.isfinite(data["rewards"]).all()
     return data
 
@@ -156,13 +184,16 @@ def test_existing_file_is_skipped_unless_overwrite(collected):
     assert "skip reach-v3" in proc.stdout and (collected[0] / "reach-v3.npz").stat().st_mtime_ns == before
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--tasks", "hamer"], "unknown task 'hamer'"),
-    (["--tasks", "reach-v3", "--episodes", "0"], "--episodes must be at least 1"),
-    (["--tasks", "cartpole-balance", "--source", "scripted"], "experts only for Meta-World"),
-    (["--tasks", "reach-v3", "--noise-levels", "a,b"], "comma-separated numbers"),
-    (["--tasks", "reach-v3", "--hold", "sometimes"], "argument --hold: invalid choice: 'sometimes'"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--tasks", "hamer"], "unknown task 'hamer'"),
+        (["--tasks", "reach-v3", "--episodes", "0"], "--episodes must be at least 1"),
+        (["--tasks", "cartpole-balance", "--source", "scripted"], "experts only for Meta-World"),
+        (["--tasks", "reach-v3", "--noise-levels", "a,b"], "comma-separated numbers"),
+        (["--tasks", "reach-v3", "--hold", "sometimes"], "argument --hold: invalid choice: 'sometimes'"),
+    ],
+)
 def test_bad_input_fails_with_one_line_and_writes_nothing(tmp_path, argv, message):
     proc = run_script("collect.py", *argv, "--data-dir", str(tmp_path / "out"), check=False)
     assert proc.returncode != 0 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
@@ -177,7 +208,9 @@ def test_data_dir_that_is_a_file_is_rejected(tmp_path):
 
 def test_failed_task_leaves_no_file_and_keeps_the_others(tmp_path):
     (tmp_path / "reach-v3.npz").mkdir()  # the write of reach-v3 fails at the final rename
-    proc = run_script("collect.py", "--tasks", "reach-v3,push-v3", "--episodes", "1", "--data-dir", str(tmp_path), check=False)
+    proc = run_script(
+        "collect.py", "--tasks", "reach-v3,push-v3", "--episodes", "1", "--data-dir", str(tmp_path), check=False
+    )
     assert proc.returncode != 0 and "reach-v3 failed" in proc.stderr
     assert (tmp_path / "push-v3.npz").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["push-v3.npz", "reach-v3.npz"]  # no temp file left
@@ -193,7 +226,9 @@ def test_stop_rule_stands_still_once_solved_and_the_best_rule_is_chosen():
     grip = episode[solved][1][-1]
     assert all(np.array_equal(a, [0, 0, 0, grip]) for _, a, *_ in episode[solved + 1 :]), "the arm should stand still"
     noisy = collect.scripted_episode(env, expert, "none", 0.3, 123, np.random.default_rng(0))
-    assert all(np.array_equal(a, b[1]) for (_, a, *_), b in zip(episode[: solved + 1], noisy)), "same episode until solved"
+    assert all(np.array_equal(a, b[1]) for (_, a, *_), b in zip(episode[: solved + 1], noisy)), (
+        "same episode until solved"
+    )
     rule, scores = collect.choose_hold_rule(env, expert, [0.0, 0.3], seed=5, episodes=3)
     assert set(scores) == set(collect.HOLD_RULES) and scores[rule] == max(scores.values())
 
@@ -235,9 +270,14 @@ def random_batch(B=6, K=5, act_dim=4, seed=0, pad=True):
     if pad:
         step_mask[0, :3] = False  # left padding, as at the start of an episode
         step_mask[1, :1] = False
-    return dict(states=torch.randn(B, K, 204, generator=g), returns=torch.randn(B, K, generator=g),
-                action_bins=torch.randint(0, 64, (B, K, act_dim), generator=g), rewards=torch.randn(B, K, generator=g),
-                timesteps=torch.randint(0, 200, (B, K), generator=g), step_mask=step_mask)
+    return dict(
+        states=torch.randn(B, K, 204, generator=g),
+        returns=torch.randn(B, K, generator=g),
+        action_bins=torch.randint(0, 64, (B, K, act_dim), generator=g),
+        rewards=torch.randn(B, K, generator=g),
+        timesteps=torch.randint(0, 200, (B, K), generator=g),
+        step_mask=step_mask,
+    )
 
 
 def forward(net, b, **kw):
@@ -302,7 +342,9 @@ def test_cpu_attention_equals_scaled_dot_product_attention():
 
 def test_routing_runs_in_fp32_under_bf16_autocast():
     net, b = tiny_model(pool_size=30), random_batch(B=64, seed=3)
-    query = net.query(net.embed(b["states"], b["returns"], b["action_bins"], b["rewards"], b["timesteps"]), b["step_mask"])
+    query = net.query(
+        net.embed(b["states"], b["returns"], b["action_bins"], b["rewards"], b["timesteps"]), b["step_mask"]
+    )
     index, sim = net.pool.select(query)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         index_bf16, sim_bf16 = net.pool.select(query)
@@ -331,10 +373,12 @@ def merged_reference(net, entry):
     ref.load_state_dict({k: v for k, v in net.state_dict().items() if not k.startswith("pool.")})
     pool, C = net.pool, net.cfg.n_embd
     with torch.no_grad():
-        for l, block in enumerate(ref.blocks):
-            block.attn.qkv.weight[:C] += pool.scale * (pool.q_a[entry, l] @ pool.q_b[entry, l]).T
-            block.attn.qkv.weight[2 * C:] += pool.scale * (pool.v_a[entry, l] @ pool.v_b[entry, l]).T
-            mix = torch.eye(4 * C) + pool.scale * pool.mlp_a[entry, l] @ pool.mlp_b[entry, l]  # u -> u (I + sAB)
+        for layer, block in enumerate(ref.blocks):
+            block.attn.qkv.weight[:C] += pool.scale * (pool.q_a[entry, layer] @ pool.q_b[entry, layer]).T
+            block.attn.qkv.weight[2 * C :] += pool.scale * (pool.v_a[entry, layer] @ pool.v_b[entry, layer]).T
+            mix = (
+                torch.eye(4 * C) + pool.scale * pool.mlp_a[entry, layer] @ pool.mlp_b[entry, layer]
+            )  # u -> u (I + sAB)
             block.mlp.fc.weight.copy_(mix.T @ block.mlp.fc.weight)
             block.mlp.fc.bias.copy_(block.mlp.fc.bias @ mix)
     return ref
@@ -354,7 +398,9 @@ def test_batched_per_sample_modulation_equals_per_sample_reference():
 
 def test_dense_and_per_sample_application_of_the_pool_agree(monkeypatch):
     net, b = tiny_model(pool_size=8), random_batch(B=8)
-    query = net.query(net.embed(b["states"], b["returns"], b["action_bins"], b["rewards"], b["timesteps"]), b["step_mask"])
+    query = net.query(
+        net.embed(b["states"], b["returns"], b["action_bins"], b["rewards"], b["timesteps"]), b["step_mask"]
+    )
     with torch.no_grad():
         net.pool.keys.copy_(query)  # sample i routes to entry i: 8 entries in one batch
         for p in (net.pool.q_b, net.pool.v_b, net.pool.mlp_b):
@@ -370,7 +416,9 @@ def test_dense_and_per_sample_application_of_the_pool_agree(monkeypatch):
 
 def test_top1_routing_picks_the_key_equal_to_the_query():
     net, b = tiny_model(pool_size=6), random_batch(B=6)
-    query = net.query(net.embed(b["states"], b["returns"], b["action_bins"], b["rewards"], b["timesteps"]), b["step_mask"])
+    query = net.query(
+        net.embed(b["states"], b["returns"], b["action_bins"], b["rewards"], b["timesteps"]), b["step_mask"]
+    )
     order = torch.tensor([3, 0, 5, 1, 4, 2])
     with torch.no_grad():
         net.pool.keys[order] = query * 2.0  # cosine ignores scale
@@ -382,7 +430,9 @@ def test_top1_routing_picks_the_key_equal_to_the_query():
 def test_count_penalty_sends_a_second_task_to_unused_entries():
     net, b = tiny_model(pool_size=6), random_batch(B=6)
     net.train()
-    query = net.query(net.embed(b["states"], b["returns"], b["action_bins"], b["rewards"], b["timesteps"]), b["step_mask"])
+    query = net.query(
+        net.embed(b["states"], b["returns"], b["action_bins"], b["rewards"], b["timesteps"]), b["step_mask"]
+    )
     with torch.no_grad():
         net.pool.keys[2] = query.mean(0)  # task 0's windows all go to entry 2
         net.pool.keys[[0, 1, 3, 4, 5]] = -query.mean(0) + 0.1 * torch.randn(5, 32)
@@ -427,10 +477,12 @@ def write_fake_task(data_dir, name, episodes=4, length=20, obs_dim=39, act_dim=4
     """A synthetic data file in the contract: rewards 1, 2, 3, ... within each episode, so returns are known."""
     rng = np.random.default_rng(seed)
     n = episodes * length
-    arrays = dict(observations=rng.standard_normal((n, obs_dim)).astype(np.float32),
-                  actions=rng.uniform(-1, 1, (n, act_dim)).astype(np.float32),
-                  rewards=np.tile(np.arange(1, length + 1), episodes).astype(np.float32),
-                  dones=np.tile(np.arange(length) == length - 1, episodes))
+    arrays = dict(
+        observations=rng.standard_normal((n, obs_dim)).astype(np.float32),
+        actions=rng.uniform(-1, 1, (n, act_dim)).astype(np.float32),
+        rewards=np.tile(np.arange(1, length + 1), episodes).astype(np.float32),
+        dones=np.tile(np.arange(length) == length - 1, episodes),
+    )
     collect.save_npz(str(data_dir / f"{name}.npz"), arrays)
     return arrays
 
@@ -462,8 +514,19 @@ def fake_data(tmp_path):
 
 
 def pretrain_args(data_dir, **kw):
-    base = dict(tasks="reach-v3,push-v3", data_dir=str(data_dir), out=str(data_dir / "run" / "ckpt.pt"), steps=6,
-                batch_size=8, n_layer=2, n_head=2, n_embd=32, warmup_steps=2, eval_every=3, save_every=3)
+    base = dict(
+        tasks="reach-v3,push-v3",
+        data_dir=str(data_dir),
+        out=str(data_dir / "run" / "ckpt.pt"),
+        steps=6,
+        batch_size=8,
+        n_layer=2,
+        n_head=2,
+        n_embd=32,
+        warmup_steps=2,
+        eval_every=3,
+        save_every=3,
+    )
     return pretrain.Args(**{**base, **kw})
 
 
@@ -508,39 +571,107 @@ def test_resume_with_other_settings_says_what_differs(fake_data):
     pretrain.main(pretrain_args(fake_data))
     with pytest.raises(SystemExit):
         pretrain.main(pretrain_args(fake_data, resume=True, n_embd=64))
-    proc = run_script("pretrain.py", "--tasks", "reach-v3,push-v3", "--data-dir", str(fake_data), "--out",
-                      str(fake_data / "run" / "ckpt.pt"), "--steps", "6", "--batch-size", "8", "--n-layer", "2",
-                      "--n-head", "2", "--n-embd", "64", "--warmup-steps", "2", "--eval-every", "3", "--save-every", "3",
-                      "--resume", check=False)
+    proc = run_script(
+        "pretrain.py",
+        "--tasks",
+        "reach-v3,push-v3",
+        "--data-dir",
+        str(fake_data),
+        "--out",
+        str(fake_data / "run" / "ckpt.pt"),
+        "--steps",
+        "6",
+        "--batch-size",
+        "8",
+        "--n-layer",
+        "2",
+        "--n-head",
+        "2",
+        "--n-embd",
+        "64",
+        "--warmup-steps",
+        "2",
+        "--eval-every",
+        "3",
+        "--save-every",
+        "3",
+        "--resume",
+        check=False,
+    )
     assert proc.returncode != 0 and "--n-embd 32 (checkpoint) vs 64 (now)" in proc.stderr
 
 
-@pytest.mark.parametrize("corrupt, message", [
-    (lambda a: a.pop("rewards"), "missing keys ['rewards']"),
-    (lambda a: a["observations"].__setitem__((3, 2), np.nan), "observations contains NaN"),
-    (lambda a: a.__setitem__("actions", a["actions"][:, :, None]), "expected observations (N, obs_dim)"),
-])
+@pytest.mark.parametrize(
+    "corrupt, message",
+    [
+        (lambda a: a.pop("rewards"), "missing keys ['rewards']"),
+        (lambda a: a["observations"].__setitem__((3, 2), np.nan), "observations contains NaN"),
+        (lambda a: a.__setitem__("actions", a["actions"][:, :, None]), "expected observations (N, obs_dim)"),
+    ],
+)
 def test_bad_data_files_are_rejected_naming_the_file(tmp_path, corrupt, message):
     arrays = write_fake_task(tmp_path, "reach-v3")
     corrupt(arrays)
     collect.save_npz(str(tmp_path / "reach-v3.npz"), arrays)
-    proc = run_script("pretrain.py", "--tasks", "reach-v3", "--data-dir", str(tmp_path), "--out", str(tmp_path / "x" / "c.pt"), check=False)
+    proc = run_script(
+        "pretrain.py",
+        "--tasks",
+        "reach-v3",
+        "--data-dir",
+        str(tmp_path),
+        "--out",
+        str(tmp_path / "x" / "c.pt"),
+        check=False,
+    )
     assert proc.returncode != 0 and message in proc.stderr and "reach-v3.npz" in proc.stderr
     assert not (tmp_path / "x").exists()
 
 
 def test_missing_data_names_the_collect_command(tmp_path):
-    proc = run_script("pretrain.py", "--tasks", "cw10", "--data-dir", str(tmp_path), "--out", str(tmp_path / "c.pt"), check=False)
+    proc = run_script(
+        "pretrain.py", "--tasks", "cw10", "--data-dir", str(tmp_path), "--out", str(tmp_path / "c.pt"), check=False
+    )
     assert proc.returncode != 0 and "python collect.py --tasks hammer-v3,push-wall-v3" in proc.stderr
 
 
 def test_two_process_gloo_ddp_run(fake_data):
     out = fake_data / "ddp" / "ckpt.pt"
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-                           os.path.join(HERE, "pretrain.py"), "--tasks", "reach-v3,push-v3", "--data-dir", str(fake_data),
-                           "--out", str(out), "--steps", "4", "--batch-size", "4", "--n-layer", "2", "--n-head", "2",
-                           "--n-embd", "32", "--warmup-steps", "1", "--device", "cpu"],
-                          capture_output=True, text=True, cwd=HERE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29533",
+            os.path.join(HERE, "pretrain.py"),
+            "--tasks",
+            "reach-v3,push-v3",
+            "--data-dir",
+            str(fake_data),
+            "--out",
+            str(out),
+            "--steps",
+            "4",
+            "--batch-size",
+            "4",
+            "--n-layer",
+            "2",
+            "--n-head",
+            "2",
+            "--n-embd",
+            "32",
+            "--warmup-steps",
+            "1",
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=HERE,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpt = torch.load(out, weights_only=True)
     assert ckpt["step"] == 4 and ckpt["world_size"] == 2 and len(ckpt["rng"]["numpy"]) == 2
@@ -555,9 +686,7 @@ import finetune  # noqa: E402
 
 
 def test_continual_metrics_on_a_hand_made_matrix():
-    S = [[0.8, 0.0, 0.1],
-         [0.2, 0.6, 0.0],
-         [0.4, 0.3, 1.0]]
+    S = [[0.8, 0.0, 0.1], [0.2, 0.6, 0.0], [0.4, 0.3, 1.0]]
     m = evaluate.continual_metrics(S, reference=[0.5, 0.6, 0.0])
     assert m["average"] == pytest.approx((0.4 + 0.3 + 1.0) / 3)
     assert m["forgetting"] == pytest.approx(((0.8 - 0.4) + (0.6 - 0.3) + 0.0) / 3)
@@ -567,40 +696,82 @@ def test_continual_metrics_on_a_hand_made_matrix():
 
 
 def test_compare_runs_averages_seeds_per_method(tmp_path):
-    def fake_run(name, method, success, success_any, retained=None, seed=0, frozen_dropout=False, command=None,
-                 tasks=("hammer-v3", "push-wall-v3")):
+    def fake_run(
+        name,
+        method,
+        success,
+        success_any,
+        retained=None,
+        seed=0,
+        frozen_dropout=False,
+        command=None,
+        tasks=("hammer-v3", "push-wall-v3"),
+    ):
         run = tmp_path / name
         run.mkdir()
         stages = [dict(train_seconds=60.0, eval_seconds=30.0)] * len(success)
-        (run / "results.json").write_text(json.dumps(dict(
-            method=method, tasks=list(tasks), success=success, success_any=success_any, metrics={},
-            trainable_params=1234, command=command, stages=stages,
-            args=dict(ckpt=str(tmp_path / "pretrain" / "ckpt.pt"), seed=seed, run_dir=name,
-                      frozen_dropout=frozen_dropout, tasks="cw10"))))
+        (run / "results.json").write_text(
+            json.dumps(
+                dict(
+                    method=method,
+                    tasks=list(tasks),
+                    success=success,
+                    success_any=success_any,
+                    metrics={},
+                    trainable_params=1234,
+                    command=command,
+                    stages=stages,
+                    args=dict(
+                        ckpt=str(tmp_path / "pretrain" / "ckpt.pt"),
+                        seed=seed,
+                        run_dir=name,
+                        frozen_dropout=frozen_dropout,
+                        tasks="cw10",
+                    ),
+                )
+            )
+        )
         if retained is not None:
             (run / "retain10").mkdir()
-            (run / "retain10" / "results.json").write_text(json.dumps(dict(
-                results=[dict(success=s, success_any=s + 0.1) for s in retained])))
+            (run / "retain10" / "results.json").write_text(
+                json.dumps(dict(results=[dict(success=s, success_any=s + 0.1) for s in retained]))
+            )
         return str(run)
 
-    runs = [fake_run("ft0", "ft", [[1.0, 0.0], [0.0, 1.0]], [[1.0, 0.0], [0.2, 1.0]], retained=[0.0, 0.2]),
-            fake_run("ft1", "ft", [[1.0, 0.0], [0.4, 0.6]], [[1.0, 0.0], [0.6, 0.8]], retained=[0.2, 0.2], seed=1,
-                     command="python finetune.py --method ft --seed 1"),
-            fake_run("l2m0", "l2m", [[0.6, 0.0], [0.6, 0.8]], [[0.6, 0.0], [0.6, 0.8]]),
-            fake_run("l2m-dropout", "l2m", [[0.2, 0.0], [0.2, 0.2]], [[0.2, 0.0], [0.2, 0.2]], frozen_dropout=True)]
+    runs = [
+        fake_run("ft0", "ft", [[1.0, 0.0], [0.0, 1.0]], [[1.0, 0.0], [0.2, 1.0]], retained=[0.0, 0.2]),
+        fake_run(
+            "ft1",
+            "ft",
+            [[1.0, 0.0], [0.4, 0.6]],
+            [[1.0, 0.0], [0.6, 0.8]],
+            retained=[0.2, 0.2],
+            seed=1,
+            command="python finetune.py --method ft --seed 1",
+        ),
+        fake_run("l2m0", "l2m", [[0.6, 0.0], [0.6, 0.8]], [[0.6, 0.0], [0.6, 0.8]]),
+        fake_run("l2m-dropout", "l2m", [[0.2, 0.0], [0.2, 0.2]], [[0.2, 0.0], [0.2, 0.2]], frozen_dropout=True),
+    ]
     (tmp_path / "pretrain" / "retain10").mkdir(parents=True)  # the pre-trained model's retention, beside the runs
-    (tmp_path / "pretrain" / "retain10" / "results.json").write_text(json.dumps(dict(
-        results=[dict(success=0.1, success_any=0.3)])))
+    (tmp_path / "pretrain" / "retain10" / "results.json").write_text(
+        json.dumps(dict(results=[dict(success=0.1, success_any=0.3)]))
+    )
     table = evaluate.compare_runs(runs, reference_dir=runs[2])
     assert f"pre-trained model in {tmp_path / 'pretrain'}: 0.10 (last step), 0.30 (any step)" in table
     assert "| success (last step) | paper | success (any step) | forgetting | gap to l2m (end of task) |" in table
     ft, l2m, dropout = [line for line in table.splitlines() if line.startswith("| ft ") or line.startswith("| l2m ")]
     # ft: last step 0.5 and 0.5, any step 0.6 and 0.7; forgetting 0.5 and 0.3; gap to the diagonal (0.6, 0.8): 0.3, 0.1;
     # retention 0.1 and 0.2 (last step), 0.2 and 0.3 (any step)
-    assert ft == ("| ft | 2 | 0.50 ± 0.00 | – | 0.65 ± 0.05 | 0.40 ± 0.10 | 0.20 ± 0.10 | 0.15 ± 0.05 | 0.25 ± 0.05 "
-                  "| 1,234 | 3 ± 0 |")
-    assert l2m == "| l2m (frozen_dropout=False) | 1 | 0.70 | 0.65 | 0.70 | 0.00 | 0.00 | – | – | 1,234 | 3 |"  # paper 0.65
-    assert dropout.startswith("| l2m (frozen_dropout=True) | 1 | 0.20 | 0.65 | 0.20 | 0.00 |"), "another setting, another row"
+    assert ft == (
+        "| ft | 2 | 0.50 ± 0.00 | – | 0.65 ± 0.05 | 0.40 ± 0.10 | 0.20 ± 0.10 | 0.15 ± 0.05 | 0.25 ± 0.05 "
+        "| 1,234 | 3 ± 0 |"
+    )
+    assert (
+        l2m == "| l2m (frozen_dropout=False) | 1 | 0.70 | 0.65 | 0.70 | 0.00 | 0.00 | – | – | 1,234 | 3 |"
+    )  # paper 0.65
+    assert dropout.startswith("| l2m (frozen_dropout=True) | 1 | 0.20 | 0.65 | 0.20 | 0.00 |"), (
+        "another setting, another row"
+    )
     assert "- ft, seed 1: `python finetune.py --method ft --seed 1`" in table
     with pytest.raises(FileNotFoundError, match="finished finetune.py run"):
         evaluate.compare_runs([str(tmp_path / "nowhere")])
@@ -617,7 +788,9 @@ def test_l2_and_ewc_penalties_are_zero_at_the_anchor_and_positive_away():
         assert finetune.quadratic_penalty(net, anchor, importance).item() == 0.0
     with torch.no_grad():
         net.action_head.weight.add_(0.1)
-    assert finetune.quadratic_penalty(net, anchor, None).item() == pytest.approx(0.01 * net.action_head.weight.numel(), rel=1e-4)
+    assert finetune.quadratic_penalty(net, anchor, None).item() == pytest.approx(
+        0.01 * net.action_head.weight.numel(), rel=1e-4
+    )
     assert finetune.quadratic_penalty(net, anchor, fisher).item() > 0
 
 
@@ -642,16 +815,49 @@ def pipeline(tmp_path_factory):
     """Real data for two Meta-World tasks and a tiny pre-trained checkpoint, shared by the fine-tuning tests."""
     root = tmp_path_factory.mktemp("pipeline")
     run_script("collect.py", "--tasks", "reach-v3,window-close-v3", "--episodes", "4", "--data-dir", str(root / "data"))
-    run_script("pretrain.py", "--tasks", "reach-v3,window-close-v3", "--data-dir", str(root / "data"), "--out",
-               str(root / "pretrain" / "ckpt.pt"), "--steps", "40", "--batch-size", "16", "--n-layer", "2", "--n-head", "2",
-               "--n-embd", "32", "--warmup-steps", "5", "--eval-every", "20", "--save-every", "20", "--holdout-episodes", "1")
+    run_script(
+        "pretrain.py",
+        "--tasks",
+        "reach-v3,window-close-v3",
+        "--data-dir",
+        str(root / "data"),
+        "--out",
+        str(root / "pretrain" / "ckpt.pt"),
+        "--steps",
+        "40",
+        "--batch-size",
+        "16",
+        "--n-layer",
+        "2",
+        "--n-head",
+        "2",
+        "--n-embd",
+        "32",
+        "--warmup-steps",
+        "5",
+        "--eval-every",
+        "20",
+        "--save-every",
+        "20",
+        "--holdout-episodes",
+        "1",
+    )
     return root
 
 
 def finetune_args(root, method, run, **kw):
-    base = dict(ckpt=str(root / "pretrain" / "ckpt.pt"), method=method, tasks="reach-v3,window-close-v3",
-                data_dir=str(root / "data"), run_dir=str(root / run), steps_per_task=30, batch_size=16, lr=1e-2,
-                eval_episodes=1, pool_size=6)
+    base = dict(
+        ckpt=str(root / "pretrain" / "ckpt.pt"),
+        method=method,
+        tasks="reach-v3,window-close-v3",
+        data_dir=str(root / "data"),
+        run_dir=str(root / run),
+        steps_per_task=30,
+        batch_size=16,
+        lr=1e-2,
+        eval_episodes=1,
+        pool_size=6,
+    )
     return finetune.Args(**{**base, **kw})
 
 
@@ -672,7 +878,9 @@ def test_l2m_freezes_the_backbone_and_routes_each_task_to_its_own_entry(pipeline
     routing = [np.array(r["routing"]) for r in ckpt["stages"][-1]["results"]]
     entries = [int(r.argmax()) for r in routing]
     assert entries[0] != entries[1] and all(r.max() == r.sum() for r in routing), routing
-    assert all((l2m_run / f).is_file() for f in ("success_matrix.png", "success_curves.png", "routing.png", "results.md"))
+    assert all(
+        (l2m_run / f).is_file() for f in ("success_matrix.png", "success_curves.png", "routing.png", "results.md")
+    )
     results = json.loads((pipeline / "l2m" / "results.json").read_text())
     assert np.asarray(results["success"]).shape == (2, 2) and "forgetting" in results["metrics"]
 
@@ -688,7 +896,8 @@ def test_a_run_notices_that_its_backbone_file_changed(pipeline, l2m_run, tmp_pat
 
 
 def test_l2m_leaves_a_finished_task_entry_bit_identical(pipeline, l2m_run):
-    """The same seed run on the first task alone gives the first task's entry; learning the second task must not move it."""
+    """The same seed run on the first task alone gives the first task's entry; learning the second task must not
+    move it."""
     finetune.main(finetune_args(pipeline, "l2m", "l2m-first", tasks="reach-v3", steps_per_task=150))
     first = collect.load_checkpoint(str(pipeline / "l2m-first" / "ckpt.pt"))
     both = collect.load_checkpoint(str(l2m_run / "ckpt.pt"))
@@ -734,31 +943,57 @@ def test_resume_fills_a_setting_newer_than_the_checkpoint_with_its_default(pipel
     collect.save_atomic(ckpt, str(tmp_path / "ckpt.pt"))
     finetune.main(finetune_args(pipeline, "l2m", "unused", steps_per_task=150, run_dir=str(tmp_path), resume=True))
     with pytest.raises(SystemExit, match="--frozen-dropout False \\(checkpoint\\) vs True \\(now\\)"):
-        finetune.main(finetune_args(pipeline, "l2m", "unused", steps_per_task=150, run_dir=str(tmp_path), resume=True,
-                                    frozen_dropout=True))
+        finetune.main(
+            finetune_args(
+                pipeline, "l2m", "unused", steps_per_task=150, run_dir=str(tmp_path), resume=True, frozen_dropout=True
+            )
+        )
 
 
 def test_evaluate_a_checkpoint_writes_results(pipeline):
-    proc = run_script("evaluate.py", "--ckpt", str(pipeline / "pretrain" / "ckpt.pt"), "--tasks", "reach", "--episodes", "2",
-                      "--bench")
-    assert "stepping the same envs with the same actions" in proc.stdout and not (pipeline / "pretrain" / "eval").exists()
-    proc = run_script("evaluate.py", "--ckpt", str(pipeline / "pretrain" / "ckpt.pt"), "--tasks", "reach", "--episodes", "2")
+    proc = run_script(
+        "evaluate.py",
+        "--ckpt",
+        str(pipeline / "pretrain" / "ckpt.pt"),
+        "--tasks",
+        "reach",
+        "--episodes",
+        "2",
+        "--bench",
+    )
+    assert (
+        "stepping the same envs with the same actions" in proc.stdout and not (pipeline / "pretrain" / "eval").exists()
+    )
+    proc = run_script(
+        "evaluate.py", "--ckpt", str(pipeline / "pretrain" / "ckpt.pt"), "--tasks", "reach", "--episodes", "2"
+    )
     assert "env steps/s" in proc.stdout
     results = json.loads((pipeline / "pretrain" / "eval" / "results.json").read_text())["results"]
     assert results[0]["task"] == "reach-v3" and results[0]["episodes"] == 2 and 0 <= results[0]["success"] <= 1
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--method", "sgd"], "argument --method: invalid choice: 'sgd'"),
-    (["--ckpt", "nowhere.pt"], "no checkpoint at nowhere.pt"),
-    (["--tasks", "push-v3"], "python collect.py --tasks push-v3"),
-    (["--ckpt", "CORRUPT"], "not a readable checkpoint"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--method", "sgd"], "argument --method: invalid choice: 'sgd'"),
+        (["--ckpt", "nowhere.pt"], "no checkpoint at nowhere.pt"),
+        (["--tasks", "push-v3"], "python collect.py --tasks push-v3"),
+        (["--ckpt", "CORRUPT"], "not a readable checkpoint"),
+    ],
+)
 def test_finetune_bad_input_fails_cleanly(pipeline, tmp_path, argv, message):
     (tmp_path / "corrupt.pt").write_bytes(b"not a checkpoint")
     argv = [str(tmp_path / "corrupt.pt") if a == "CORRUPT" else a for a in argv]
-    base = ["--ckpt", str(pipeline / "pretrain" / "ckpt.pt"), "--tasks", "reach-v3", "--data-dir", str(pipeline / "data"),
-            "--run-dir", str(tmp_path / "run")]
+    base = [
+        "--ckpt",
+        str(pipeline / "pretrain" / "ckpt.pt"),
+        "--tasks",
+        "reach-v3",
+        "--data-dir",
+        str(pipeline / "data"),
+        "--run-dir",
+        str(tmp_path / "run"),
+    ]
     proc = run_script("finetune.py", *base, *argv, check=False)
     assert proc.returncode != 0 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()
@@ -769,20 +1004,51 @@ def test_data_whose_dims_do_not_match_the_checkpoint_is_rejected(pipeline, tmp_p
     arrays = dict(np.load(tmp_path / "reach-v3.npz"))
     arrays["actions"] = np.zeros((len(arrays["actions"]), 6), np.float32)  # 6 action dims; the checkpoint has 4
     collect.save_npz(str(tmp_path / "reach-v3.npz"), arrays)
-    proc = run_script("finetune.py", "--ckpt", str(pipeline / "pretrain" / "ckpt.pt"), "--tasks", "reach-v3",
-                      "--data-dir", str(tmp_path), "--run-dir", str(tmp_path / "run"), check=False)
-    assert proc.returncode != 0 and "has 39 observation columns and 6 action dims, but the reach-v3 environment has 39 and 4" in proc.stderr
+    proc = run_script(
+        "finetune.py",
+        "--ckpt",
+        str(pipeline / "pretrain" / "ckpt.pt"),
+        "--tasks",
+        "reach-v3",
+        "--data-dir",
+        str(tmp_path),
+        "--run-dir",
+        str(tmp_path / "run"),
+        check=False,
+    )
+    assert (
+        proc.returncode != 0
+        and "has 39 observation columns and 6 action dims, but the reach-v3 environment has 39 and 4" in proc.stderr
+    )
 
 
 def test_all_four_stages_run_as_scripts(pipeline):
     """collect.py and pretrain.py ran in the fixture; here finetune.py and evaluate.py on its checkpoint."""
     run = pipeline / "lora-script"
-    proc = run_script("finetune.py", "--ckpt", str(pipeline / "pretrain" / "ckpt.pt"), "--method", "lora",
-                      "--tasks", "reach-v3,window-close-v3", "--data-dir", str(pipeline / "data"), "--run-dir", str(run),
-                      "--steps-per-task", "10", "--batch-size", "8", "--eval-episodes", "1")
+    proc = run_script(
+        "finetune.py",
+        "--ckpt",
+        str(pipeline / "pretrain" / "ckpt.pt"),
+        "--method",
+        "lora",
+        "--tasks",
+        "reach-v3,window-close-v3",
+        "--data-dir",
+        str(pipeline / "data"),
+        "--run-dir",
+        str(run),
+        "--steps-per-task",
+        "10",
+        "--batch-size",
+        "8",
+        "--eval-episodes",
+        "1",
+    )
     assert "average success" in proc.stdout and "trainable of" in proc.stdout
     proc = run_script("evaluate.py", "--ckpt", str(run / "ckpt.pt"), "--episodes", "1")
-    assert "average success" in proc.stdout and "| after \\ on | reach | window-close |" in proc.stdout  # the run's CW table
+    assert (
+        "average success" in proc.stdout and "| after \\ on | reach | window-close |" in proc.stdout
+    )  # the run's CW table
     results = json.loads((run / "eval" / "results.json").read_text())["results"]
     assert [r["task"] for r in results] == ["reach-v3", "window-close-v3"] and len(results[0]["routing"]) == 1
 
@@ -816,8 +1082,10 @@ def test_lockstep_evaluation_of_several_tasks_equals_one_task_at_a_time():
     with torch.no_grad():
         net.pool.q_b.normal_(0, 0.3)
     tasks = [dict(name=n, act_dim=4, reward_scale=200.0, target_return=1500.0) for n in ("reach-v3", "window-close-v3")]
-    tasks += [dict(name="cartpole-balance", act_dim=1, reward_scale=100.0, target_return=1000.0),  # another horizon
-              dict(name="finger-turn_easy", act_dim=2, reward_scale=100.0, target_return=1000.0)]  # and action dims
+    tasks += [
+        dict(name="cartpole-balance", act_dim=1, reward_scale=100.0, target_return=1000.0),  # another horizon
+        dict(name="finger-turn_easy", act_dim=2, reward_scale=100.0, target_return=1000.0),
+    ]  # and action dims
     together = evaluate.evaluate_tasks(net, tasks, 1, torch.device("cpu"))
     alone = [evaluate.evaluate_tasks(net, [task], 1, torch.device("cpu"))[0] for task in tasks]  # reused envs, too
     assert together == alone
@@ -826,8 +1094,16 @@ def test_lockstep_evaluation_of_several_tasks_equals_one_task_at_a_time():
 def test_a_run_folder_is_never_overwritten_without_a_flag(pipeline, l2m_run):
     with pytest.raises(SystemExit, match="already holds a run: --resume continues it, --overwrite replaces it"):
         finetune.main(finetune_args(pipeline, "l2m", "l2m"))
-    proc = run_script("pretrain.py", "--tasks", "reach-v3,window-close-v3", "--data-dir", str(pipeline / "data"),
-                      "--out", str(pipeline / "pretrain" / "ckpt.pt"), check=False)
+    proc = run_script(
+        "pretrain.py",
+        "--tasks",
+        "reach-v3,window-close-v3",
+        "--data-dir",
+        str(pipeline / "data"),
+        "--out",
+        str(pipeline / "pretrain" / "ckpt.pt"),
+        check=False,
+    )
     assert proc.returncode != 0 and "exists: --resume continues that run, --overwrite replaces it" in proc.stderr
 
 
@@ -835,16 +1111,40 @@ def test_bench_times_steps_and_writes_nothing(pipeline, tmp_path, capsys):
     finetune.main(finetune_args(pipeline, "l2m", "bench", run_dir=str(tmp_path / "bench"), bench=3))
     out = capsys.readouterr().out
     assert "ms/step" in out and "tokens/s" in out and "model" in out and not (tmp_path / "bench").exists()
-    proc = run_script("pretrain.py", "--tasks", "reach-v3", "--data-dir", str(pipeline / "data"), "--out",
-                      str(tmp_path / "p" / "ckpt.pt"), "--bench", "2", "--n-layer", "1", "--n-embd", "32", "--n-head", "2")
+    proc = run_script(
+        "pretrain.py",
+        "--tasks",
+        "reach-v3",
+        "--data-dir",
+        str(pipeline / "data"),
+        "--out",
+        str(tmp_path / "p" / "ckpt.pt"),
+        "--bench",
+        "2",
+        "--n-layer",
+        "1",
+        "--n-embd",
+        "32",
+        "--n-head",
+        "2",
+    )
     assert "ms/step" in proc.stdout and not (tmp_path / "p").exists()
 
 
 def test_methods_and_seeds_run_side_by_side_each_in_its_own_folder(pipeline, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", [os.path.join(HERE, "finetune.py")])
-    args = finetune_args(pipeline, "lora", "unused", run_dir="", steps_per_task=3, tasks="reach-v3", methods="lora,ft",
-                         seeds="0,1", jobs=2)
+    args = finetune_args(
+        pipeline,
+        "lora",
+        "unused",
+        run_dir="",
+        steps_per_task=3,
+        tasks="reach-v3",
+        methods="lora,ft",
+        seeds="0,1",
+        jobs=2,
+    )
     finetune.main(args)
     for method in ("lora", "ft"):
         for seed in (0, 1):
@@ -853,8 +1153,10 @@ def test_methods_and_seeds_run_side_by_side_each_in_its_own_folder(pipeline, tmp
 
 
 def test_the_readme_results_table_regenerates_from_the_result_files():
-    runs = [os.path.join(HERE, "results", "cw10", run) for run in ("ft-cw10-s0", "l2m-cw10-s0", "l2m-cw10-s1",
-                                                                      "l2m-oracle-cw10-s0")]
+    runs = [
+        os.path.join(HERE, "results", "cw10", run)
+        for run in ("ft-cw10-s0", "l2m-cw10-s0", "l2m-cw10-s1", "l2m-oracle-cw10-s0")
+    ]
     table = evaluate.compare_runs(runs, reference_dir=runs[3])
     readme = open(os.path.join(HERE, "README.md")).read()
     rows = [line for line in table.splitlines() if line.startswith("| ")]
