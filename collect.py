@@ -755,5 +755,10 @@ def main(args):
         sys.exit(1)
 
 
+def cli(argv=None):
+    """The command line: `python collect.py [flags]` (argv None = sys.argv)."""
+    main(parse_args(Args, argv, description=__doc__, groups=GROUPS, choices=CHOICES))
+
+
 if __name__ == "__main__":
-    main(parse_args(Args, description=__doc__, groups=GROUPS, choices=CHOICES))
+    cli()

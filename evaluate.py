@@ -642,5 +642,10 @@ def main(args):
     print(f"wrote {out}/results.json, {out}/results.md")
 
 
+def cli(argv=None):
+    """The command line: `python evaluate.py [flags]` (argv None = sys.argv)."""
+    main(parse_args(Args, argv, description=__doc__, groups=GROUPS))
+
+
 if __name__ == "__main__":
-    main(parse_args(Args, description=__doc__, groups=GROUPS))
+    cli()

@@ -451,5 +451,10 @@ def bench(model, sequence, step_fn, args, device, oracle):
     )
 
 
+def cli(argv=None):
+    """The command line: `python finetune.py [flags]` (argv None = sys.argv)."""
+    main(parse_args(Args, argv, description=__doc__, groups=GROUPS, choices=CHOICES))
+
+
 if __name__ == "__main__":
-    main(parse_args(Args, description=__doc__, groups=GROUPS, choices=CHOICES))
+    cli()

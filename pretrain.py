@@ -495,5 +495,10 @@ def main(args):
         dist.destroy_process_group()
 
 
+def cli(argv=None):
+    """The command line: `python pretrain.py [flags]` (argv None = sys.argv)."""
+    main(parse_args(Args, argv, description=__doc__, groups=GROUPS, choices=CHOICES))
+
+
 if __name__ == "__main__":
-    main(parse_args(Args, description=__doc__, groups=GROUPS, choices=CHOICES))
+    cli()
