@@ -138,6 +138,19 @@ def test_sac_update_fits_the_critic_to_a_fixed_batch():
     assert q_error() < 0.1 * before
 
 
+def test_sac_actor_learns_the_best_action_of_a_bandit():
+    """One-step episodes with reward -(a - 0.5)^2: the critic learns it from uniform actions, the actor its argmax."""
+    torch.manual_seed(0)
+    agent = collect.SAC(obs_dim=4, act_dim=1, hidden=32, lr=3e-3)
+    obs, action = torch.randn(256, 4), torch.rand(256, 1) * 2 - 1
+    reward, terminal = -((action[:, 0] - 0.5) ** 2), torch.ones(256)
+    for _ in range(600):
+        agent.update(obs, action, reward, obs, terminal)
+    with torch.no_grad():
+        mean_action = torch.tanh(agent.actor(obs[:32]).chunk(2, dim=-1)[0]).mean().item()
+    assert abs(mean_action - 0.5) < 0.15, mean_action
+
+
 # ---------------------------------------------------------------------------------------------------------
 # collect.py: the script end to end
 
