@@ -38,6 +38,7 @@ import multiprocessing
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 import warnings
 import zipfile
@@ -590,8 +591,27 @@ def collect_sac(env, episodes, args, seed, rng, progress):
         progress.put(n - episode_start)
 
 
-def collect_task(name, source, args, progress):
-    """Collect one task's dataset and write data/<task>.npz; runs in a worker process. Returns its summary."""
+PROGRESS = None  # in a worker process: the queue it reports its env steps to (set by start_worker)
+
+
+def start_worker(parent_pid, progress):
+    """Worker initializer: keep the progress queue (a queue reaches a process only when it starts), and end this
+    worker when collect.py's main process is gone, so a `kill -9` of it leaves nothing running."""
+    global PROGRESS
+    PROGRESS = progress
+
+    def exit_with_parent():
+        while os.getppid() == parent_pid:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=exit_with_parent, daemon=True).start()
+
+
+def collect_task(name, source, args, progress=None):
+    """Collect one task's dataset and write data/<task>.npz; runs in a worker process, reporting its env steps to
+    `progress` (default: the worker's queue). Returns its summary."""
+    progress = progress or PROGRESS
     torch.set_num_threads(1)  # one core per worker; workers run side by side
     start = time.perf_counter()
     seed = task_seed(args.seed, name)
@@ -709,14 +729,14 @@ def main(args):
 
     start, summaries, failures = time.perf_counter(), [], {}
     ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no forked torch/mujoco state
-    with (
-        ctx.Manager() as manager,
-        tqdm(total=total_steps, unit="step", unit_scale=True, smoothing=0.05, disable=not sys.stderr.isatty()) as bar,
-    ):
-        progress = manager.Queue()
-        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+    progress = ctx.Queue()
+    with tqdm(total=total_steps, unit="step", unit_scale=True, smoothing=0.05, disable=not sys.stderr.isatty()) as bar:
+        pool = concurrent.futures.ProcessPoolExecutor(
+            workers, mp_context=ctx, initializer=start_worker, initargs=(os.getpid(), progress)
+        )
+        with pool:
             futures = {
-                pool.submit(collect_task, n, sources[n], dataclasses.replace(args, episodes=episodes[n]), progress): n
+                pool.submit(collect_task, n, sources[n], dataclasses.replace(args, episodes=episodes[n])): n
                 for n in todo
             }
             pending = set(futures)
