@@ -56,6 +56,8 @@ class Args:
     """output directory; empty = <checkpoint's directory>/eval"""
     device: str = "auto"
     """auto (cuda, else mps, else cpu), cpu, cuda or mps"""
+    backbone: str = ""
+    """a fine-tuning run's pre-trained checkpoint, if it is no longer where the run found it (its hash is checked)"""
     bench: bool = False
     """time the evaluation against stepping the same envs with the same actions and no model; prints the ratio,
     writes nothing"""
@@ -70,11 +72,21 @@ class Args:
 GROUPS = {"evaluate a checkpoint": "ckpt", "compare fine-tuning runs": "compare"}
 
 
-def build_model(ckpt, device):
+def backbone_path(ckpt, ckpt_path, override=""):
+    """Where a fine-tuning run's pre-trained checkpoint is: `override` (--backbone) if given, else where it lies
+    relative to the run (so a moved or copied project still finds it), else the absolute path it had."""
+    stored = ckpt["pretrained"]
+    relative = os.path.join(os.path.dirname(ckpt_path), stored["relpath"]) if "relpath" in stored else ""
+    return override or (relative if os.path.exists(relative) else stored["path"])
+
+
+def build_model(ckpt, device, backbone=""):
     """The model of a checkpoint, in eval mode: a pre-training checkpoint as saved; a fine-tuning checkpoint as its
-    pre-trained backbone (loaded from the path it points to) plus the pool or weights it trained."""
+    pre-trained backbone (at `backbone`, default the absolute path it had) plus the pool or weights it trained."""
     if ckpt.get("kind") == "finetune":
-        path = ckpt["pretrained"]["path"]
+        path = backbone or ckpt["pretrained"]["path"]
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"this run's pre-trained checkpoint {path} is missing: --backbone points to it")
         base = load_checkpoint(path)
         same = base["step"] == ckpt["pretrained"]["step"] and base["model_args"] == ckpt["model_args"]
         if not same or ckpt["pretrained"]["sha256"] != file_sha256(path):
@@ -92,12 +104,12 @@ def build_model(ckpt, device):
     return model.to(device).eval()
 
 
-def known_tasks(ckpt):
+def known_tasks(ckpt, backbone=""):
     """Task name -> task entry for every task a checkpoint can be evaluated on (a fine-tuning run: the sequence
     and its pre-training tasks), and name -> oracle task id (the index in the sequence) where the method needs one."""
     if ckpt.get("kind") != "finetune":
         return {t["name"]: t for t in ckpt["tasks"]}, {}
-    pretrained = load_checkpoint(ckpt["pretrained"]["path"])
+    pretrained = load_checkpoint(backbone or ckpt["pretrained"]["path"])
     tasks = {**{t["name"]: t for t in pretrained["tasks"]}, **{t["name"]: t for t in ckpt["tasks"]}}
     oracle = {t["name"]: i for i, t in enumerate(ckpt["tasks"])} if ckpt["method"] == "l2m-oracle" else {}
     return tasks, oracle
@@ -594,14 +606,17 @@ def main(args):
         out = args.out or os.path.join(os.path.dirname(args.ckpt) or ".", "eval")
         check_output(out, "--out", is_dir=True)
         ckpt = load_checkpoint(args.ckpt)
-        known, oracle_ids = known_tasks(ckpt)
+        backbone = backbone_path(ckpt, args.ckpt, args.backbone) if ckpt.get("kind") == "finetune" else ""
+        if backbone and not os.path.exists(backbone):
+            raise FileNotFoundError(f"this run's pre-trained checkpoint {backbone} is missing: --backbone points to it")
+        known, oracle_ids = known_tasks(ckpt, backbone)
         names = resolve_tasks(args.tasks) if args.tasks else [t["name"] for t in ckpt["tasks"]]
         unknown = [n for n in names if n not in known]
         if unknown:
             raise ValueError(f"{args.ckpt} knows nothing of {', '.join(unknown)} (it knows {', '.join(known)})")
         if oracle_ids and any(n not in oracle_ids for n in names):
             raise ValueError("an l2m-oracle run needs a task id: evaluate only the tasks of its sequence")
-        model = build_model(ckpt, device)
+        model = build_model(ckpt, device, backbone)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"evaluate.py: error: {e}")
     start, timings = time.perf_counter(), []

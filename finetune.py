@@ -264,8 +264,10 @@ def load_inputs(args, run_dir):
         differs = [
             f"--{k.replace('_', '-')} {made_with[k]!r} (checkpoint) vs {v!r} (now)"
             for k, v in asdict(args).items()
-            if k not in RUN_CONTROL and made_with[k] != v
+            if k not in RUN_CONTROL | {"ckpt"} and made_with[k] != v  # the backbone: compared by content below
         ]
+        if resumed["pretrained"]["sha256"] != file_sha256(args.ckpt):
+            differs.append(f"--ckpt {args.ckpt} is not the pre-trained checkpoint the run started from (its content)")
         if differs:
             raise ValueError(f"cannot resume {out}: it was made with other settings: {'; '.join(differs)}")
     margs, data = pretrained["model_args"], []
@@ -413,7 +415,8 @@ def main(args):
         save_atomic(dict(
             kind="finetune", method=args.method, args=asdict(args), command=command_line(args), tasks=sequence,
             model_args=pretrained["model_args"], pool_args=pool_args, trainable_params=trainable,
-            pretrained=dict(path=os.path.abspath(args.ckpt), step=pretrained["step"], sha256=backbone_hash),
+            pretrained=dict(path=os.path.abspath(args.ckpt), relpath=os.path.relpath(args.ckpt, run_dir),
+                            step=pretrained["step"], sha256=backbone_hash),
             model={n: v for n, v in state.items() if n.startswith("pool.")} if pool_args else state,
             success=success, success_any=success_any, stages=stages, anchor=anchor, importance=importance,
             rng=torch.get_rng_state(), cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,

@@ -87,8 +87,8 @@ class Args:
 
 GROUPS = {"data and output": "tasks", "optimization": "steps", "model": "n_layer", "run control": "device"}
 CHOICES = {"precision": ("auto", "bf16", "fp32")}
-# the run-control flags: how a run executes, not what it computes; they may differ between a run and its resumption
-RUN_CONTROL = {"device", "eval_every", "save_every", "resume", "overwrite", "bench"}
+# how a run executes and where it lives, not what it computes: these may differ between a run and its resumption
+RUN_CONTROL = {"device", "eval_every", "save_every", "resume", "overwrite", "bench", "out"}
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ Unit tests of each stage's behaviour that matters, plus end-to-end runs of the s
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import warnings
@@ -943,6 +944,32 @@ def test_a_run_notices_that_its_backbone_file_changed(pipeline, l2m_run, tmp_pat
     ckpt["pretrained"]["path"] = str(tmp_path / "other.pt")
     with pytest.raises(ValueError, match="no longer the checkpoint this run was fine-tuned from"):
         evaluate.build_model(ckpt, torch.device("cpu"))
+
+
+@pytest.mark.slow
+def test_a_moved_run_finds_its_backbone_or_is_pointed_to_it(pipeline, l2m_run, tmp_path, capsys):
+    moved = tmp_path / "moved"
+    shutil.copytree(pipeline / "pretrain", moved / "pretrain")
+    shutil.copytree(l2m_run, moved / "l2m")
+    ckpt = collect.load_checkpoint(str(moved / "l2m" / "ckpt.pt"))
+    assert evaluate.backbone_path(ckpt, str(moved / "l2m" / "ckpt.pt")) == str(
+        moved / "l2m" / ".." / "pretrain" / "ckpt.pt"
+    )
+    lost = {**ckpt, "pretrained": {**ckpt["pretrained"], "path": str(tmp_path / "gone.pt"), "relpath": "gone.pt"}}
+    collect.save_atomic(lost, str(moved / "l2m" / "ckpt.pt"))
+    argv = [
+        "--ckpt",
+        str(moved / "l2m" / "ckpt.pt"),
+        "--episodes",
+        "1",
+        "--tasks",
+        "reach-v3",
+        "--out",
+        str(tmp_path / "e"),
+    ]
+    assert "--backbone points to it" in refuses(evaluate, argv, capsys)
+    evaluate.cli([*argv, "--backbone", str(moved / "pretrain" / "ckpt.pt")])
+    assert json.loads((tmp_path / "e" / "results.json").read_text())["results"][0]["task"] == "reach-v3"
 
 
 @pytest.mark.slow
