@@ -479,15 +479,29 @@ def save_atomic(obj, path):
         torch.save(obj, tmp)
 
 
-def load_checkpoint(path, map_location="cpu"):
-    """Load a checkpoint (weights_only: no code is unpickled); raises an error a user can act on."""
+CHECKPOINT_KEYS = {  # what each script writes, so a file from elsewhere is named as such before it is used
+    "pretrain": {"model", "model_args", "tasks", "step", "args"},
+    "finetune": {"model", "model_args", "tasks", "pretrained", "pool_args", "success", "stages", "args"},
+}
+
+
+def load_checkpoint(path, kinds=("pretrain", "finetune"), map_location="cpu"):
+    """Load a checkpoint of one of `kinds` (weights_only: no code is unpickled); raises an error a user can act on."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint at {path}: pretrain.py (or finetune.py) writes one; check the path")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
         first_line = (str(e).strip().splitlines() or [""])[0]
         raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {first_line})") from None
+    kind = "finetune" if isinstance(ckpt, dict) and ckpt.get("kind") == "finetune" else "pretrain"
+    if not isinstance(ckpt, dict) or not CHECKPOINT_KEYS[kind] <= set(ckpt):
+        raise ValueError(
+            f"{path}: not a checkpoint of pretrain.py or finetune.py (a bare state_dict or another format)"
+        )
+    if kind not in kinds:
+        raise ValueError(f"{path} is a {kind}.py checkpoint; this needs a {' or '.join(kinds)}.py checkpoint")
+    return ckpt
 
 
 def task_seed(seed, name):

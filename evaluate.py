@@ -87,7 +87,7 @@ def build_model(ckpt, device, backbone=""):
         path = backbone or ckpt["pretrained"]["path"]
         if not os.path.exists(path):
             raise FileNotFoundError(f"this run's pre-trained checkpoint {path} is missing: --backbone points to it")
-        base = load_checkpoint(path)
+        base = load_checkpoint(path, kinds=("pretrain",))
         same = base["step"] == ckpt["pretrained"]["step"] and base["model_args"] == ckpt["model_args"]
         if not same or ckpt["pretrained"]["sha256"] != file_sha256(path):
             raise ValueError(
@@ -100,7 +100,12 @@ def build_model(ckpt, device, backbone=""):
         model.load_state_dict({**model.state_dict(), **ckpt["model"]})
         return model.eval()
     model = DecisionTransformer(DTConfig(**ckpt["model_args"]))
-    model.load_state_dict(ckpt["model"])
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:  # a config edited by hand, or weights from another model
+        raise ValueError(
+            f"the checkpoint's weights do not fit its model_args: {str(e).splitlines()[1].strip()}"
+        ) from None
     return model.to(device).eval()
 
 
@@ -109,7 +114,7 @@ def known_tasks(ckpt, backbone=""):
     and its pre-training tasks), and name -> oracle task id (the index in the sequence) where the method needs one."""
     if ckpt.get("kind") != "finetune":
         return {t["name"]: t for t in ckpt["tasks"]}, {}
-    pretrained = load_checkpoint(backbone or ckpt["pretrained"]["path"])
+    pretrained = load_checkpoint(backbone or ckpt["pretrained"]["path"], kinds=("pretrain",))
     tasks = {**{t["name"]: t for t in pretrained["tasks"]}, **{t["name"]: t for t in ckpt["tasks"]}}
     oracle = {t["name"]: i for i, t in enumerate(ckpt["tasks"])} if ckpt["method"] == "l2m-oracle" else {}
     return tasks, oracle

@@ -249,9 +249,7 @@ def load_inputs(args, run_dir):
         raise ValueError(
             f"l2m-oracle splits the pool into one group per task: --pool-size {args.pool_size} < {len(names)} tasks"
         )
-    pretrained = load_checkpoint(args.ckpt)
-    if "model_args" not in pretrained or "tasks" not in pretrained or "pretrained" in pretrained:
-        raise ValueError(f"{args.ckpt} is not a pre-training checkpoint of pretrain.py")
+    pretrained = load_checkpoint(args.ckpt, kinds=("pretrain",))
     resumed = None
     if os.path.exists(out) and not args.bench and not args.overwrite:
         if not args.resume:
@@ -259,7 +257,7 @@ def load_inputs(args, run_dir):
                 f"{run_dir} already holds a run: --resume continues it, --overwrite replaces it, "
                 f"--run-dir puts this one elsewhere"
             )
-        resumed = load_checkpoint(out)
+        resumed = load_checkpoint(out, kinds=("finetune",))
         made_with = {**asdict(Args()), **resumed["args"]}  # a setting newer than the checkpoint: its default
         differs = [
             f"--{k.replace('_', '-')} {made_with[k]!r} (checkpoint) vs {v!r} (now)"
@@ -343,7 +341,10 @@ def main(args):
 
     # --- the model: pre-trained backbone, plus a pool for the modulation methods ------------------------------
     torch.manual_seed(args.seed)
-    model = build_model(pretrained, device)
+    try:
+        model = build_model(pretrained, device)
+    except ValueError as e:
+        sys.exit(f"finetune.py: error: {args.ckpt}: {e}")
     pool_args = attach_method(model, args, n_tasks, device)
     frozen_eval = args.method in FROZEN_BACKBONE and not args.frozen_dropout
     set_training(model, frozen_eval)

@@ -118,11 +118,16 @@ def load_task(path):
         )
     if obs.shape[1] > MAX_STATE_DIM or act.shape[1] > 6:
         raise ValueError(f"{path}: obs_dim {obs.shape[1]} > {MAX_STATE_DIM} or act_dim {act.shape[1]} > 6")
+    for key in ("observations", "actions", "rewards", "dones"):
+        if not (np.issubdtype(data[key].dtype, np.number) or data[key].dtype == bool):
+            raise ValueError(f"{path}: {key} has dtype {data[key].dtype}; the data contract needs numbers")
     for key in ("observations", "actions", "rewards"):
         if not np.isfinite(data[key]).all():
             raise ValueError(f"{path}: {key} contains NaN or inf")
     if not done[-1]:
         raise ValueError(f"{path}: the last transition must end an episode (dones[-1] is False)")
+    if np.abs(act).max() > 1 + 1e-4:  # the contract's executed actions lie in [-1, 1]; clipping would hide a bug
+        raise ValueError(f"{path}: actions reach {np.abs(act).max():.3g}; the data contract keeps them in [-1, 1]")
     return dict(
         observations=obs.astype(np.float32),
         actions=np.clip(act, -1, 1).astype(np.float32),
@@ -329,7 +334,7 @@ def main(args):
         if args.resume and not os.path.exists(args.out) and is_main:
             print(f"no checkpoint at {args.out} yet: starting a new run")
         if args.resume and os.path.exists(args.out):
-            ckpt = load_checkpoint(args.out)
+            ckpt = load_checkpoint(args.out, kinds=("pretrain",))
             differs = [
                 f"--{k.replace('_', '-')} {ckpt['args'][k]!r} (checkpoint) vs {v!r} (now)"
                 for k, v in asdict(args).items()

@@ -1107,12 +1107,31 @@ def test_finetune_bad_input_fails_cleanly(pipeline, tmp_path, argv, message, cap
         ("evaluate", ["--compare", "TMP"], "is TMP a finished finetune.py run?"),
         ("evaluate", ["--compare", "TMP", "--out", "FILE"], "--out 'FILE' is a file"),
         ("collect", ["--workers", "0"], "--workers must be at least 1"),
+        ("evaluate", ["--ckpt", "BARE"], "not a checkpoint of pretrain.py or finetune.py"),
+        ("pretrain", ["--resume", "--out", "BARE"], "not a checkpoint of pretrain.py or finetune.py"),
+        ("pretrain", ["--resume", "--out", "FINETUNED"], "is a finetune.py checkpoint; this needs a pretrain.py"),
+        ("finetune", ["--ckpt", "FINETUNED"], "is a finetune.py checkpoint; this needs a pretrain.py"),
+        ("evaluate", ["--ckpt", "EDITED"], "the checkpoint's weights do not fit its model_args"),
+        ("pretrain", ["--tasks", "reach", "--data-dir", "TMP/strings"], "rewards has dtype <U"),
+        ("pretrain", ["--tasks", "reach", "--data-dir", "TMP/wide"], "the data contract keeps them in [-1, 1]"),
         ("collect", ["--tasks", "reach", "--source", "magic"], "argument --source: invalid choice: 'magic'"),
     ],
 )
 def test_bad_flags_and_files_fail_with_one_line_before_any_work(tmp_path, monkeypatch, capsys, script, argv, message):
     monkeypatch.chdir(tmp_path)  # the scripts' default paths (runs/, data/) point into the empty tmp_path
     (tmp_path / "FILE").write_text("not a checkpoint, not a directory")
+    net = tiny_model()  # checkpoints from elsewhere: a bare state_dict, a fine-tuning run, a hand-edited config
+    pretrained = dict(model=net.state_dict(), model_args=asdict(net.cfg), tasks=[], step=0, args={})
+    torch.save(net.state_dict(), tmp_path / "BARE")
+    torch.save({**pretrained, "kind": "finetune", "pretrained": {}, "pool_args": None, "success": [], "stages": []},
+               tmp_path / "FINETUNED")  # fmt: skip
+    torch.save({**pretrained, "model_args": {**asdict(net.cfg), "n_embd": 64}}, tmp_path / "EDITED")
+    for folder, change in (("strings", {"rewards": str}), ("wide", {"actions": lambda a: 3 * a})):
+        (tmp_path / folder).mkdir()
+        arrays = write_fake_task(tmp_path / folder, "reach-v3")
+        for key, how in change.items():
+            arrays[key] = arrays[key].astype(str) if how is str else how(arrays[key])
+        np.savez(tmp_path / folder / "reach-v3.npz", **arrays)
     before = listing(tmp_path)
     module = {"collect": collect, "pretrain": pretrain, "finetune": finetune, "evaluate": evaluate}[script]
     line = refuses(module, [a.replace("TMP", str(tmp_path)) for a in argv], capsys)
