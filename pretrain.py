@@ -23,7 +23,17 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from collect import DMC16, check_output, env_dims, is_metaworld, load_checkpoint, parse_args, resolve_tasks, save_atomic
+from collect import (
+    DMC16,
+    check_output,
+    env_dims,
+    is_metaworld,
+    load_checkpoint,
+    parse_args,
+    resolve_tasks,
+    save_atomic,
+    write_text,
+)
 from evaluate import plot_pretraining
 from model import ActionTokenizer, DecisionTransformer, DTConfig, action_loss, resolve_device, use_bf16
 
@@ -414,6 +424,10 @@ def main(args):
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         if ckpt is None and os.path.exists(metrics_path):  # a new run starts a new log
             os.remove(metrics_path)
+        elif os.path.exists(metrics_path):  # a resumed run drops what it logged after its last save (it redoes it)
+            with open(metrics_path) as f:
+                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+            write_text(metrics_path, "".join(kept))
         print(
             f"{n_params / 1e6:.2f}M parameters | {len(tasks)} tasks, "
             f"{sum(t['transitions'] for t in tasks):,} transitions | "

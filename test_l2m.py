@@ -605,6 +605,25 @@ def test_resume_equals_an_uninterrupted_run(fake_data, monkeypatch):
         assert torch.equal(v, resumed["model"][k]), k
 
 
+def test_a_kill_between_evaluation_and_save_logs_each_evaluation_once(fake_data, monkeypatch):
+    pretrain.main(pretrain_args(fake_data, out=str(fake_data / "a" / "ckpt.pt")))
+    real_save, saves = pretrain.save_atomic, []
+
+    def crash_at_the_second_save(obj, path):  # step 6 was evaluated and logged, then the run died before saving
+        saves.append(path)
+        if len(saves) == 2:
+            raise KeyboardInterrupt
+        real_save(obj, path)
+
+    monkeypatch.setattr(pretrain, "save_atomic", crash_at_the_second_save)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain.main(pretrain_args(fake_data))
+    monkeypatch.setattr(pretrain, "save_atomic", real_save)
+    pretrain.main(pretrain_args(fake_data, resume=True))  # from step 3: steps 4-6 and their evaluation again
+    logged = (fake_data / "run" / "metrics.jsonl").read_text()
+    assert logged == (fake_data / "a" / "metrics.jsonl").read_text()  # steps 3 and 6, once each, as uninterrupted
+
+
 def test_checkpoint_round_trip_gives_identical_actions(fake_data):
     pretrain.main(pretrain_args(fake_data))
     ckpt = collect.load_checkpoint(str(fake_data / "run" / "ckpt.pt"))
