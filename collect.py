@@ -35,6 +35,7 @@ import glob
 import hashlib
 import inspect
 import multiprocessing
+import shutil
 import sys
 import tempfile
 import textwrap
@@ -475,8 +476,13 @@ def save_npz(path, arrays):
 def save_atomic(obj, path):
     """torch.save, atomic: a crash never leaves a half-written checkpoint."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with atomic_write(path) as tmp:
-        torch.save(obj, tmp)
+    try:
+        with atomic_write(path) as tmp:
+            torch.save(obj, tmp)
+    except (OSError, RuntimeError) as e:  # a full disk reads as torch's "unexpected pos ..." otherwise
+        free_mb = shutil.disk_usage(os.path.dirname(path) or ".").free / 2**20
+        first_line = (str(e).strip().splitlines() or [""])[0]
+        raise OSError(f"could not write {path} ({first_line}); {free_mb:.0f} MiB free on that disk") from None
 
 
 CHECKPOINT_KEYS = {  # what each script writes, so a file from elsewhere is named as such before it is used
