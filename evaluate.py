@@ -14,6 +14,7 @@ Examples:
   python evaluate.py --compare runs/ft-cw10-s0,runs/l2m-cw10-s0 --reference runs/l2m-oracle-cw10-s0  # the table
 """
 
+import glob
 import json
 import os
 
@@ -62,8 +63,8 @@ class Args:
     """time the evaluation against stepping the same envs with the same actions and no model; prints the ratio,
     writes nothing"""
     compare: str = ""
-    """comma-separated fine-tuning run directories (seeds of a method may repeat it): instead of evaluating, write
-    <out or runs>/comparison.md, one row per method"""
+    """comma-separated fine-tuning run directories or quoted patterns ('runs/*-cw10-s*'; seeds of a method may repeat
+    it): instead of evaluating, write <out or runs>/comparison.md, one row per method"""
     reference: str = ""
     """with --compare: a run of the same sequence (e.g. l2m-oracle) whose end-of-task successes each run's are
     compared to (the 'gap to' column)"""
@@ -597,7 +598,9 @@ def main(args):
     if args.compare:
         try:
             check_output(args.out or "runs", "--out", is_dir=True)
-            table = compare_runs([d for d in args.compare.split(",") if d], args.reference)
+            patterns = [p for p in args.compare.split(",") if p]  # a quoted 'runs/*-cw10-s*' expands here
+            run_dirs = [d for p in patterns for d in sorted(glob.glob(p)) or [p]]  # no match: named in the error
+            table = compare_runs(run_dirs, args.reference)
         except (ValueError, FileNotFoundError) as e:
             sys.exit(f"evaluate.py: error: {e}")
         out = args.out or "runs"

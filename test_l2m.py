@@ -1125,6 +1125,7 @@ def test_finetune_bad_input_fails_cleanly(pipeline, tmp_path, argv, message, cap
         ("evaluate", ["--ckpt", "FILE"], "not a readable checkpoint"),
         ("evaluate", ["--compare", "TMP"], "is TMP a finished finetune.py run?"),
         ("evaluate", ["--compare", "TMP", "--out", "FILE"], "--out 'FILE' is a file"),
+        ("evaluate", ["--compare", "TMP/runs/*-s*"], "is TMP/runs/*-s* a finished finetune.py run?"),
         ("collect", ["--workers", "0"], "--workers must be at least 1"),
         ("evaluate", ["--ckpt", "BARE"], "not a checkpoint of pretrain.py or finetune.py"),
         ("pretrain", ["--resume", "--out", "BARE"], "not a checkpoint of pretrain.py or finetune.py"),
