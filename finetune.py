@@ -36,6 +36,7 @@ from model import ModulationPool, action_loss, resolve_device, use_bf16
 from pretrain import load_data
 
 CURVE_EVERY = 50  # training steps averaged into one point of training_curves.png
+LOG_EVERY = 500  # steps between the plain log lines written when stderr is not a terminal
 METHODS = ("ft", "l2", "ewc", "lora", "l2m", "l2m-oracle")
 FROZEN_BACKBONE = ("lora", "l2m", "l2m-oracle")
 
@@ -304,11 +305,12 @@ def train_task(step_fn, steps, name, pool_size):
     for step in bar:
         loss, accuracy, routing = step_fn()
         losses.append(loss.item())
-        if step % 10 == 0 or step + 1 == steps:
+        to_log = bar.disable and ((step + 1) % LOG_EVERY == 0 or step + 1 == steps)  # a log file: plain lines
+        if to_log or (not bar.disable and step % 10 == 0):
             used = f" entries {sorted(set(routing['index'].tolist()))}" if pool_size > 1 else ""
-            status = f"loss {loss.item():.3f} acc {accuracy.item():.3f}{used}"
+            status = f"loss {np.mean(losses[-LOG_EVERY:]):.3f} acc {accuracy.item():.3f}{used}"
             bar.set_postfix_str(status)
-            if bar.disable and (step + 1) % 500 == 0:  # a log file gets a plain line instead of a progress bar
+            if to_log:
                 ms = 1e3 * (time.perf_counter() - start) / (step + 1)
                 print(f"{name} | step {step + 1} | {status} | {ms:.0f} ms/step", flush=True)
     return losses, time.perf_counter() - start

@@ -848,6 +848,14 @@ def test_ewc_fisher_is_the_mean_squared_gradient_of_the_action_loss():
         assert torch.allclose(fisher[name], expected, rtol=1e-4, atol=1e-12), name
 
 
+def test_a_log_file_gets_a_plain_line_every_500_steps(capsys):
+    step_fn = lambda: (torch.tensor(1.0), torch.tensor(0.5), None)  # noqa: E731
+    losses, _ = finetune.train_task(step_fn, 1200, "task 1/1 reach-v3", pool_size=1)
+    lines = [line for line in capsys.readouterr().out.splitlines() if " | step " in line]
+    assert len(losses) == 1200 and [line.split(" | ")[1] for line in lines] == ["step 500", "step 1000", "step 1200"]
+    assert all("loss 1.000 acc 0.500" in line and "ms/step" in line for line in lines)
+
+
 def test_command_line_reproduces_the_settings():
     args = finetune.Args(method="ft", seed=1, frozen_dropout=True, lr=3e-3, resume=True)
     command = finetune.command_line(args)
