@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import warnings
 from dataclasses import asdict
 
@@ -278,6 +279,45 @@ def test_atomic_write_removes_litter_and_never_follows_a_planted_link(tmp_path):
     collect.write_text(str(target), "new")
     assert target.read_text() == "new" and victim.read_text() == "keep"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "victim"]
+
+
+def test_a_full_disk_is_named_as_such_and_leaves_no_file(tmp_path, monkeypatch):
+    def disk_full(obj, path):
+        open(path, "wb").write(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 324416 vs 324308")
+
+    monkeypatch.setattr(collect.torch, "save", disk_full)
+    with pytest.raises(OSError, match=r"could not write .*ckpt.pt \(.*unexpected pos.*\); \d+ MiB free on that disk"):
+        collect.save_atomic({"x": 1}, str(tmp_path / "ckpt.pt"))
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_killing_collect_leaves_no_process_behind(tmp_path):
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(HERE, "collect.py"), "--tasks", "reach,push", "--episodes", "50",
+         "--data-dir", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )  # fmt: skip
+    deadline, children = time.time() + 60, []
+    while len(children) < 3 and time.time() < deadline:  # the resource tracker and two workers
+        time.sleep(0.5)
+        listed = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        children = [int(pid) for pid in listed]
+    time.sleep(3.0)  # the workers are collecting
+    proc.kill()  # kill -9 of the main process
+    proc.wait()
+
+    def alive(pid):
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                return "\tZ" not in f.read()  # a zombie has ended
+        except FileNotFoundError:
+            return False
+
+    deadline = time.time() + 15
+    while any(alive(pid) for pid in children) and time.time() < deadline:
+        time.sleep(0.5)
+    assert len(children) >= 3 and not any(alive(pid) for pid in children), children
 
 
 def test_save_npz_is_atomic_on_failure(tmp_path):
@@ -1142,6 +1182,7 @@ def test_finetune_bad_input_fails_cleanly(pipeline, tmp_path, argv, message, cap
         ("evaluate", ["--ckpt", "EDITED"], "the checkpoint's weights do not fit its model_args"),
         ("pretrain", ["--tasks", "reach", "--data-dir", "TMP/strings"], "rewards has dtype <U"),
         ("pretrain", ["--tasks", "reach", "--data-dir", "TMP/wide"], "the data contract keeps them in [-1, 1]"),
+        ("pretrain", ["--tasks", "reach", "--data-dir", "TMP/narrow"], "20 observation columns"),
         ("collect", ["--tasks", "reach", "--source", "magic"], "argument --source: invalid choice: 'magic'"),
     ],
 )
@@ -1154,7 +1195,8 @@ def test_bad_flags_and_files_fail_with_one_line_before_any_work(tmp_path, monkey
     torch.save({**pretrained, "kind": "finetune", "pretrained": {}, "pool_args": None, "success": [], "stages": []},
                tmp_path / "FINETUNED")  # fmt: skip
     torch.save({**pretrained, "model_args": {**asdict(net.cfg), "n_embd": 64}}, tmp_path / "EDITED")
-    for folder, change in (("strings", {"rewards": str}), ("wide", {"actions": lambda a: 3 * a})):
+    narrow = {"observations": lambda o: o[:, :20]}  # reach-v3's environment has 39
+    for folder, change in (("strings", {"rewards": str}), ("wide", {"actions": lambda a: 3 * a}), ("narrow", narrow)):
         (tmp_path / folder).mkdir()
         arrays = write_fake_task(tmp_path / folder, "reach-v3")
         for key, how in change.items():
