@@ -40,7 +40,7 @@ from collect import (
     resolve_tasks,
     write_text,
 )
-from model import ActionTokenizer, DecisionTransformer, DTConfig, ModulationPool, resolve_device
+from model import ActionTokenizer, DecisionTransformer, resolve_device
 
 EVAL_SEED = 10_000  # episode i of every task starts from reset(seed=EVAL_SEED + i): disjoint from collection seeds
 
@@ -95,19 +95,8 @@ def build_model(ckpt, device, backbone=""):
                 f"{path} is no longer the checkpoint this run was fine-tuned from (its content changed): "
                 f"put that checkpoint back, or fine-tune again from this one"
             )
-        model = build_model(base, device)
-        if ckpt["pool_args"] is not None:
-            model.pool = ModulationPool(model.cfg.n_layer, model.cfg.n_embd, **ckpt["pool_args"]).to(device)
-        model.load_state_dict({**model.state_dict(), **ckpt["model"]})
-        return model.eval()
-    model = DecisionTransformer(DTConfig(**ckpt["model_args"]))
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:  # a config edited by hand, or weights from another model
-        raise ValueError(
-            f"the checkpoint's weights do not fit its model_args: {str(e).splitlines()[1].strip()}"
-        ) from None
-    return model.to(device).eval()
+        return DecisionTransformer.from_checkpoint(base, ckpt).to(device)
+    return DecisionTransformer.from_checkpoint(ckpt).to(device)
 
 
 def known_tasks(ckpt, backbone=""):

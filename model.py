@@ -365,6 +365,22 @@ class DecisionTransformer(nn.Module):
                 rows = slice(prefix + j, prefix + j + 1)
         return action_bins[:, -1, :act_dim], routing
 
+    @classmethod
+    def from_checkpoint(cls, pretrained, finetuned=None):
+        """The model a pretrain.py checkpoint describes, in eval mode; with a finetune.py checkpoint on top, plus
+        its pool and the weights it trained. Weights that do not fit the config (a hand-edited one) are a ValueError."""
+        model = cls(DTConfig(**pretrained["model_args"]))
+        try:
+            model.load_state_dict(pretrained["model"])
+        except RuntimeError as e:
+            first = str(e).splitlines()[1].strip()
+            raise ValueError(f"the checkpoint's weights do not fit its model_args: {first}") from None
+        if finetuned is not None:
+            if finetuned["pool_args"] is not None:
+                model.pool = ModulationPool(model.cfg.n_layer, model.cfg.n_embd, **finetuned["pool_args"])
+            model.load_state_dict({**model.state_dict(), **finetuned["model"]})
+        return model.eval()
+
     # --- training helpers ----------------------------------------------------------------------------------
 
     def configure_optimizer(self, lr, weight_decay, betas=(0.9, 0.999)):
