@@ -542,7 +542,7 @@ def write_sequence_report(run_dir, ckpt):
         for j, stage in enumerate(ckpt["stages"]):
             curve = stage["loss_curve"]
             x = j * steps_per_task + (np.arange(len(curve)) + 0.5) * steps_per_task / len(curve)
-            ax.plot(x, curve, lw=1, label=short[j])
+            ax.plot(x, curve, lw=1, marker=".", ms=3, label=short[j])
         ax.set_xlabel("training step (tasks one after another)"), ax.set_ylabel("action loss (train)")
         ax.set_title(f"{ckpt['method']}: training loss on each task of the sequence", fontsize=8)
         ax.legend(fontsize=6, ncol=2, loc="center left", bbox_to_anchor=(1, 0.5))
