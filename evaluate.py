@@ -421,6 +421,8 @@ def compare_runs(run_dirs, reference_dir=""):
             params=run["trainable_params"],
             minutes=sum(s["train_seconds"] + s["eval_seconds"] for s in run["stages"]) / 60,
             paper=PAPER_CW10_SUCCESS.get(run["method"]) if run["args"].get("tasks") == "cw10" else None,
+            end_of_task=np.diag(run["success"]),  # (tasks,): each task right after it was learned
+            final=np.array(run["success"][-1]),  # (tasks,): each task after the last one
         )
         name = label(run)
         by_method.setdefault(name, []).append(row)
@@ -451,6 +453,17 @@ def compare_runs(run_dirs, reference_dir=""):
             cell(rows, "minutes", "{:.0f}"),
         ]
         lines.append(f"| {method} | {len(rows)} | " + " | ".join(cells) + " |")
+    if len({tuple(run["tasks"]) for _, run in runs}) == 1:  # one sequence: where each method gains and loses
+        lines += [
+            "",
+            "Per task, success at the last step (mean over runs): right after learning it | after the last task",
+            "",
+        ]
+        lines += ["| task | " + " | ".join(by_method) + " |", "|---|" + "---|" * len(by_method)]
+        for i, task in enumerate(runs[0][1]["tasks"]):
+            pairs = [np.mean([r[k][i] for r in rows]) for rows in by_method.values() for k in ("end_of_task", "final")]
+            cells = [f"{pairs[2 * m]:.2f} → {pairs[2 * m + 1]:.2f}" for m in range(len(by_method))]
+            lines.append(f"| {task.removesuffix('-v3')} | " + " | ".join(cells) + " |")
     for directory in sorted(pretrained):  # <folder>/pretrain/retain10, beside the runs (e.g. runs/pretrain)
         retained = retention(directory)
         if retained is not None:
