@@ -256,6 +256,7 @@ def test_failed_task_leaves_no_file_and_keeps_the_others(tmp_path):
     assert not any((tmp_path / "reach-v3.npz").iterdir())
 
 
+@pytest.mark.filterwarnings("ignore:Constant")  # the experts' gains exceed 1 on purpose; collect.py clips
 def test_stop_rule_stands_still_once_solved_and_the_best_rule_is_chosen():
     from metaworld.policies import ENV_POLICY_MAP
 
