@@ -628,10 +628,10 @@ def start_worker(parent_pid, progress):
     threading.Thread(target=exit_with_parent, daemon=True).start()
 
 
-def collect_task(name, source, args, progress=None):
+def collect_task(name, source, args):
     """Collect one task's dataset and write data/<task>.npz; runs in a worker process, reporting its env steps to
-    `progress` (default: the worker's queue). Returns its summary."""
-    progress = progress or PROGRESS
+    the worker's progress queue. Returns its summary."""
+    progress = PROGRESS
     torch.set_num_threads(1)  # one core per worker; workers run side by side
     start = time.perf_counter()
     seed = task_seed(args.seed, name)

@@ -81,31 +81,38 @@ def backbone_path(ckpt, ckpt_path, override=""):
     return override or (relative if os.path.exists(relative) else stored["path"])
 
 
-def build_model(ckpt, device, backbone=""):
+def load_backbone(ckpt, path):
+    """A fine-tuning run's pre-trained checkpoint, read from `path` and checked to be the one the run started from
+    (by content: step, config and sha256)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"this run's pre-trained checkpoint {path} is missing: --backbone points to it")
+    base = load_checkpoint(path, kinds=("pretrain",))
+    same = base["step"] == ckpt["pretrained"]["step"] and base["model_args"] == ckpt["model_args"]
+    if not same or ckpt["pretrained"]["sha256"] != file_sha256(path):
+        raise ValueError(
+            f"{path} is no longer the checkpoint this run was fine-tuned from (its content changed): "
+            f"put that checkpoint back, or fine-tune again from this one"
+        )
+    return base
+
+
+def build_model(ckpt, device, base=None):
     """The model of a checkpoint, in eval mode: a pre-training checkpoint as saved; a fine-tuning checkpoint as its
-    pre-trained backbone (at `backbone`, default the absolute path it had) plus the pool or weights it trained."""
+    pre-trained backbone (`base`, default: read from the absolute path it had) plus the pool or weights it trained."""
     if ckpt.get("kind") == "finetune":
-        path = backbone or ckpt["pretrained"]["path"]
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"this run's pre-trained checkpoint {path} is missing: --backbone points to it")
-        base = load_checkpoint(path, kinds=("pretrain",))
-        same = base["step"] == ckpt["pretrained"]["step"] and base["model_args"] == ckpt["model_args"]
-        if not same or ckpt["pretrained"]["sha256"] != file_sha256(path):
-            raise ValueError(
-                f"{path} is no longer the checkpoint this run was fine-tuned from (its content changed): "
-                f"put that checkpoint back, or fine-tune again from this one"
-            )
+        base = base or load_backbone(ckpt, ckpt["pretrained"]["path"])
         return DecisionTransformer.from_checkpoint(base, ckpt).to(device)
     return DecisionTransformer.from_checkpoint(ckpt).to(device)
 
 
-def known_tasks(ckpt, backbone=""):
+def known_tasks(ckpt, base=None):
     """Task name -> task entry for every task a checkpoint can be evaluated on (a fine-tuning run: the sequence
-    and its pre-training tasks), and name -> oracle task id (the index in the sequence) where the method needs one."""
+    and its pre-training tasks, from its backbone `base`), and name -> oracle task id (the index in the sequence)
+    where the method needs one."""
     if ckpt.get("kind") != "finetune":
         return {t["name"]: t for t in ckpt["tasks"]}, {}
-    pretrained = load_checkpoint(backbone or ckpt["pretrained"]["path"], kinds=("pretrain",))
-    tasks = {**{t["name"]: t for t in pretrained["tasks"]}, **{t["name"]: t for t in ckpt["tasks"]}}
+    base = base or load_backbone(ckpt, ckpt["pretrained"]["path"])
+    tasks = {**{t["name"]: t for t in base["tasks"]}, **{t["name"]: t for t in ckpt["tasks"]}}
     oracle = {t["name"]: i for i, t in enumerate(ckpt["tasks"])} if ckpt["method"] == "l2m-oracle" else {}
     return tasks, oracle
 
@@ -474,6 +481,14 @@ def compare_runs(run_dirs, reference_dir=""):
     return "\n".join(lines + ["", "Commands:", *commands]) + "\n"
 
 
+def save_figure(fig, path):
+    """Lay out, write atomically as a PNG, and free the figure."""
+    fig.tight_layout()
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+
+
 def plot_pretraining(metrics_path, png_path):
     """Held-out action loss and accuracy (mean over tasks) against the step, from pretrain.py's metrics.jsonl."""
     with open(metrics_path) as f:
@@ -486,10 +501,7 @@ def plot_pretraining(metrics_path, png_path):
     for ax in (ax_loss, ax_acc):
         ax.set_xlabel("step")
     fig.suptitle(f"pre-training: mean over {len(rows[0]['heldout'])} tasks' held-out episodes", fontsize=9)
-    fig.tight_layout()
-    with atomic_write(png_path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
+    save_figure(fig, png_path)
 
 
 def write_sequence_report(run_dir, ckpt):
@@ -532,10 +544,7 @@ def write_sequence_report(run_dir, ckpt):
     for i in range(len(names)):
         for j in range(len(names)):
             ax.text(j, i, f"{S[i, j]:.1f}", ha="center", va="center", fontsize=6, color="w" if S[i, j] < 0.6 else "k")
-    fig.tight_layout()
-    with atomic_write(os.path.join(run_dir, "success_matrix.png")) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
+    save_figure(fig, os.path.join(run_dir, "success_matrix.png"))
 
     fig, ax = plt.subplots(figsize=(6, 3))
     for j, name in enumerate(short):
@@ -544,10 +553,7 @@ def write_sequence_report(run_dir, ckpt):
     ax.set_xlabel("after learning"), ax.set_ylabel("success (last step)"), ax.set_ylim(-0.05, 1.05)
     ax.set_title(f"{ckpt['method']}: each task's success from the time it was learned", fontsize=8)
     ax.legend(fontsize=6, ncol=2, loc="center left", bbox_to_anchor=(1, 0.5))
-    fig.tight_layout()
-    with atomic_write(os.path.join(run_dir, "success_curves.png")) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
+    save_figure(fig, os.path.join(run_dir, "success_curves.png"))
 
     if all("loss_curve" in s for s in ckpt["stages"]):  # runs before this key was recorded have no curve
         fig, ax = plt.subplots(figsize=(6, 3))
@@ -559,10 +565,7 @@ def write_sequence_report(run_dir, ckpt):
         ax.set_xlabel("training step (tasks one after another)"), ax.set_ylabel("action loss (train)")
         ax.set_title(f"{ckpt['method']}: training loss on each task of the sequence", fontsize=8)
         ax.legend(fontsize=6, ncol=2, loc="center left", bbox_to_anchor=(1, 0.5))
-        fig.tight_layout()
-        with atomic_write(os.path.join(run_dir, "training_curves.png")) as tmp:
-            fig.savefig(tmp, dpi=120, format="png")
-        plt.close(fig)
+        save_figure(fig, os.path.join(run_dir, "training_curves.png"))
 
     if ckpt["pool_args"] is not None and ckpt["pool_args"]["pool_size"] > 1:  # routing after the last task
         used, share = routing_shares(ckpt["stages"][-1]["results"])
@@ -585,10 +588,7 @@ def write_sequence_report(run_dir, ckpt):
                         fontsize=5,
                         color="w" if share[i, j] < 0.6 else "k",
                     )
-        fig.tight_layout()
-        with atomic_write(os.path.join(run_dir, "routing.png")) as tmp:
-            fig.savefig(tmp, dpi=120, format="png")
-        plt.close(fig)
+        save_figure(fig, os.path.join(run_dir, "routing.png"))
     return report
 
 
@@ -616,17 +616,16 @@ def main(args):
         out = args.out or os.path.join(os.path.dirname(args.ckpt) or ".", "eval")
         check_output(out, "--out", is_dir=True)
         ckpt = load_checkpoint(args.ckpt)
-        backbone = backbone_path(ckpt, args.ckpt, args.backbone) if ckpt.get("kind") == "finetune" else ""
-        if backbone and not os.path.exists(backbone):
-            raise FileNotFoundError(f"this run's pre-trained checkpoint {backbone} is missing: --backbone points to it")
-        known, oracle_ids = known_tasks(ckpt, backbone)
+        finetuned = ckpt.get("kind") == "finetune"  # read its backbone once, for the task list and the model
+        base = load_backbone(ckpt, backbone_path(ckpt, args.ckpt, args.backbone)) if finetuned else None
+        known, oracle_ids = known_tasks(ckpt, base)
         names = resolve_tasks(args.tasks) if args.tasks else [t["name"] for t in ckpt["tasks"]]
         unknown = [n for n in names if n not in known]
         if unknown:
             raise ValueError(f"{args.ckpt} knows nothing of {', '.join(unknown)} (it knows {', '.join(known)})")
         if oracle_ids and any(n not in oracle_ids for n in names):
             raise ValueError("an l2m-oracle run needs a task id: evaluate only the tasks of its sequence")
-        model = build_model(ckpt, device, backbone)
+        model = build_model(ckpt, device, base)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"evaluate.py: error: {e}")
     start, timings = time.perf_counter(), []

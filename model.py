@@ -402,11 +402,12 @@ def resolve_device(name):
         return torch.device(
             "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
         )
+    kind = name.split(":")[0]  # cuda:1 -> cuda
     available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
-    if name.split(":")[0] not in available:
+    if kind not in available:
         raise ValueError(f"unknown --device {name!r}: use auto, cpu, cuda or mps")
-    if not available[name.split(":")[0]]:
-        raise ValueError(f"--device {name}: this machine's torch has no {name.split(':')[0]} device (use auto or cpu)")
+    if not available[kind]:
+        raise ValueError(f"--device {name}: this machine's torch has no {kind} device (use auto or cpu)")
     return torch.device(name)
 
 
