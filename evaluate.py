@@ -88,7 +88,8 @@ def load_backbone(ckpt, path):
         raise FileNotFoundError(f"this run's pre-trained checkpoint {path} is missing: --backbone points to it")
     base = load_checkpoint(path, kinds=("pretrain",))
     same = base["step"] == ckpt["pretrained"]["step"] and base["model_args"] == ckpt["model_args"]
-    if not same or ckpt["pretrained"]["sha256"] != file_sha256(path):
+    recorded = ckpt["pretrained"].get("sha256")  # runs made before the hash was recorded: step and config only
+    if not same or (recorded is not None and recorded != file_sha256(path)):
         raise ValueError(
             f"{path} is no longer the checkpoint this run was fine-tuned from (its content changed): "
             f"put that checkpoint back, or fine-tune again from this one"
