@@ -396,6 +396,12 @@ def field_help(args_cls):
     }
 
 
+def fields_from(args_cls, first):
+    """The names of args_cls's fields from `first` to the last: the --help group that closes an Args dataclass."""
+    names = [f.name for f in dataclasses.fields(args_cls)]
+    return set(names[names.index(first) :])
+
+
 def parse_args(args_cls, argv=None, description=None, groups=None, choices=None):
     """A stdlib argparse built from a dataclass: one flag per field (--snake-case) with its default and help.
     `groups` {heading: first field}: --help lists the flags under headings, each from its first field on;

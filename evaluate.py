@@ -374,7 +374,7 @@ def load_run(run_dir):
     if not os.path.exists(path):
         raise FileNotFoundError(f"no {path}: is {run_dir} a finished finetune.py run?")
     run = read_json(path)
-    missing = {"method", "tasks", "success", "success_any", "args", "stages"} - set(run)
+    missing = {"method", "tasks", "success", "success_any", "args", "setting", "stages"} - set(run)
     if missing:
         raise ValueError(
             f"{path} lacks {', '.join(sorted(missing))}: not a results.json of this version of finetune.py"
@@ -386,9 +386,6 @@ def load_run(run_dir):
 # rendered in PSEC's Table 7 (Liu et al. 2025, arXiv 2502.05932); the metric is the authors' eval callback
 # (src/callbacks/custom_eval_callback.py in ml-jku/L2M), which reads info["success"] when the episode ends.
 PAPER_CW10_SUCCESS = {"l2m": 0.65, "l2m-oracle": 0.77, "ewc": 0.17, "l2": 0.10}
-# finetune.py's run-control flags (its --help group): they place, continue, time or launch a run, not its outcome
-RUN_CONTROL = {"resume", "device", "run_dir", "overwrite", "bench", "methods", "seeds", "jobs", "threads"}
-SEED_AND_PLACE = RUN_CONTROL | {"seed"}  # runs differing only in these are seeds of one setting
 
 
 def compare_runs(run_dirs, reference_dir=""):
@@ -407,13 +404,11 @@ def compare_runs(run_dirs, reference_dir=""):
         reference = np.diag(ref_run["success"])
 
     def label(run):
-        same_method = [r["args"] for _, r in runs if r["method"] == run["method"]]
-        varying = sorted(
-            k
-            for k in set().union(*same_method)
-            if k not in SEED_AND_PLACE and len({repr(a.get(k)) for a in same_method}) > 1
+        same_method = [r["setting"] for _, r in runs if r["method"] == run["method"]]
+        varying = sorted(k for k in set().union(*same_method) if len({repr(s.get(k)) for s in same_method}) > 1)
+        return run["method"] + (
+            " (" + ", ".join(f"{k}={run['setting'].get(k)}" for k in varying) + ")" if varying else ""
         )
-        return run["method"] + (" (" + ", ".join(f"{k}={run['args'].get(k)}" for k in varying) + ")" if varying else "")
 
     by_method, pretrained, commands = {}, set(), []
     for run_dir, run in runs:
@@ -428,7 +423,7 @@ def compare_runs(run_dirs, reference_dir=""):
             retention_any=retained[1],
             params=run["trainable_params"],
             minutes=sum(s["train_seconds"] + s["eval_seconds"] for s in run["stages"]) / 60,
-            paper=PAPER_CW10_SUCCESS.get(run["method"]) if run["args"].get("tasks") == "cw10" else None,
+            paper=PAPER_CW10_SUCCESS.get(run["method"]) if run["setting"].get("tasks") == "cw10" else None,
             end_of_task=np.diag(run["success"]),  # (tasks,): each task right after it was learned
             final=np.array(run["success"][-1]),  # (tasks,): each task after the last one
         )
@@ -521,6 +516,7 @@ def write_sequence_report(run_dir, ckpt):
                 success_any=ckpt["success_any"],
                 metrics=metrics,
                 args=ckpt["args"],
+                setting=ckpt["setting"],  # the args that decide the outcome, seed excluded: --compare groups by them
                 command=ckpt.get("command"),
                 trainable_params=ckpt["trainable_params"],
                 stages=ckpt["stages"],

@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from collect import check_output, file_sha256, load_checkpoint, parse_args, resolve_tasks, save_atomic
-from evaluate import RUN_CONTROL, build_model, evaluate_tasks, write_sequence_report
+from collect import check_output, fields_from, file_sha256, load_checkpoint, parse_args, resolve_tasks, save_atomic
+from evaluate import build_model, evaluate_tasks, write_sequence_report
 from model import ModulationPool, action_loss, resolve_device, use_bf16
 from pretrain import load_data
 
@@ -111,16 +111,18 @@ GROUPS = {
     "run control": "run_dir",
 }
 CHOICES = {"method": METHODS, "precision": ("auto", "bf16", "fp32")}
+# how a run is placed, continued, timed or launched, not what it computes (its --help group)
+RUN_CONTROL = fields_from(Args, GROUPS["run control"])
 
 
 def fisher_diagonal(model, dataset, pools, args, device, autocast):
     """EWC: E[(d log p / d theta)^2] over a few batches of the task just learned (the authors' 10 batches)."""
     fisher = {n: torch.zeros_like(p) for n, p in model.named_parameters() if p.requires_grad}
     for _ in range(args.fisher_batches):
-        b = {k: v.to(device) for k, v in dataset.sample(args.batch_size, pools).items()}
+        inputs, valid, _ = dataset.sample(args.batch_size, pools, device)
         with autocast:
-            logits, _ = model(b["states"], b["returns"], b["action_bins"], b["rewards"], b["timesteps"], b["step_mask"])
-        loss, _ = action_loss(logits, b["action_bins"], b["valid"])
+            logits, _ = model(**inputs)
+        loss, _ = action_loss(logits, inputs["action_bins"], valid)
         model.zero_grad(set_to_none=True)
         loss.backward()
         for n, p in model.named_parameters():
@@ -281,11 +283,10 @@ def load_inputs(args, run_dir):
 def train_step(model, optimizer, dataset, pools, args, task_ids, anchor, importance, autocast, device):
     """One gradient step on the method's objective: the action loss, minus L2M's key pull, plus L2/EWC's penalty.
     -> (action loss, accuracy, routing)."""
-    b = {k: v.to(device, non_blocking=True) for k, v in dataset.sample(args.batch_size, pools).items()}
+    inputs, valid, _ = dataset.sample(args.batch_size, pools, device)
     with autocast:
-        inputs = (b["states"], b["returns"], b["action_bins"], b["rewards"], b["timesteps"], b["step_mask"])
-        logits, routing = model(*inputs, task_ids)
-    loss, accuracy = action_loss(logits, b["action_bins"], b["valid"])
+        logits, routing = model(**inputs, task_ids=task_ids)
+    loss, accuracy = action_loss(logits, inputs["action_bins"], valid)
     objective = loss
     if args.method in ("l2m", "l2m-oracle"):
         objective = objective - args.pull_coef * routing["pull"]  # L2M: pull chosen keys toward queries
@@ -417,6 +418,7 @@ def main(args):
         state = model.state_dict()
         save_atomic(dict(
             kind="finetune", method=args.method, args=asdict(args), command=command_line(args), tasks=sequence,
+            setting={k: v for k, v in asdict(args).items() if k not in RUN_CONTROL | {"seed"}},  # seeds share one
             model_args=pretrained["model_args"], pool_args=pool_args, trainable_params=trainable,
             pretrained=dict(path=os.path.abspath(args.ckpt), relpath=os.path.relpath(args.ckpt, run_dir),
                             step=pretrained["step"], sha256=backbone_hash),

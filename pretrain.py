@@ -27,6 +27,7 @@ from collect import (
     DMC16,
     check_output,
     env_dims,
+    fields_from,
     is_metaworld,
     load_checkpoint,
     parse_args,
@@ -47,8 +48,6 @@ class Args:
     """tasks to pre-train on: task names and/or list names (mt40, dmc10, ...)"""
     data_dir: str = "data"
     """directory of <task>.npz files written by collect.py"""
-    out: str = "runs/pretrain/ckpt.pt"
-    """checkpoint path (written atomically)"""
     seed: int = 0
     """seed for initialization, sampling and dropout"""
     steps: int = 24000
@@ -81,6 +80,8 @@ class Args:
     """K timesteps per window (authors: 5)"""
     act_dim: int = 0
     """action tokens per step; 0 = the largest action dim of the tasks (4 for Meta-World alone, 6 with DMControl)"""
+    out: str = "runs/pretrain/ckpt.pt"
+    """checkpoint path (written atomically)"""
     device: str = "auto"
     """auto (cuda, else mps, else cpu), cpu, cuda or mps"""
     eval_every: int = 1000
@@ -95,10 +96,10 @@ class Args:
     """time N training steps (after 3 warm-up steps): ms/step and tokens/s; writes nothing"""
 
 
-GROUPS = {"data and output": "tasks", "optimization": "steps", "model": "n_layer", "run control": "device"}
+GROUPS = {"data": "tasks", "optimization": "steps", "model": "n_layer", "run control": "out"}
 CHOICES = {"precision": ("auto", "bf16", "fp32")}
 # how a run executes and where it lives, not what it computes: these may differ between a run and its resumption
-RUN_CONTROL = {"device", "eval_every", "save_every", "resume", "overwrite", "bench", "out"}
+RUN_CONTROL = fields_from(Args, GROUPS["run control"])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -176,8 +177,10 @@ class WindowDataset:
         self.timestep = np.concatenate([np.arange(n) for n in self.ep_len])
         self.rng = np.random.default_rng(seed)
 
-    def windows(self, episode_ids, starts):
-        """Windows of K steps from (episode, start) pairs, left-padded -> dict of torch tensors (B, K, ...)."""
+    def windows(self, episode_ids, starts, device="cpu"):
+        """Windows of K steps from (episode, start) pairs, left-padded -> (the model's inputs: a dict of tensors
+        (B, K, ...) named as `DecisionTransformer.forward`'s arguments, valid (B, K, A) bool: the action tokens that
+        count in the loss, task (B,): each window's task index)."""
         K = self.K
         n_valid = np.minimum(K, self.ep_len[episode_ids] - starts)  # (B,)
         offset = np.arange(K)[None, :] - (K - n_valid)[:, None]  # (B, K): < 0 on the left padding
@@ -188,19 +191,21 @@ class WindowDataset:
         states[:, :, : self.obs.shape[1]] = self.obs[index] * step_mask[..., None]
         bins = np.where(step_mask[..., None], self.bins[index], self.n_bins)  # (B, K, A)
         valid = step_mask[..., None] & (np.arange(self.act_dim) < self.task_act_dim[task][:, None, None])  # (B, K, A)
-        batch = dict(
+        inputs = dict(
             states=states,
             returns=self.rtg[index] * step_mask,
             action_bins=bins,
             rewards=self.rewards[index] * step_mask,
             timesteps=self.timestep[index] * step_mask,
             step_mask=step_mask,
-            valid=valid,
-            task_ids=task,
         )
-        return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()}
 
-    def sample(self, batch_size, episode_pool):
+        def tensor(a):
+            return torch.from_numpy(np.ascontiguousarray(a)).to(device, non_blocking=True)
+
+        return {k: tensor(v) for k, v in inputs.items()}, tensor(valid), tensor(task)
+
+    def sample(self, batch_size, episode_pool, device="cpu"):
         """Episodes from each pool in `episode_pool` (a list of arrays, one per domain), equally many per pool."""
         ids = []
         for i, pool in enumerate(episode_pool):
@@ -209,7 +214,7 @@ class WindowDataset:
             ids.append(self.rng.choice(pool, n, p=lengths / lengths.sum()))
         ids = np.concatenate(ids)
         starts = np.floor(self.rng.random(len(ids)) * self.ep_len[ids]).astype(np.int64)
-        return self.windows(ids, starts)
+        return self.windows(ids, starts, device)
 
 
 def load_data(names, data_dir, holdout_episodes, K, act_dim, n_bins, seed):
@@ -292,10 +297,10 @@ def heldout_metrics(model, dataset, heldout_by_task, device, autocast, n_windows
     for task, episode_ids in heldout_by_task.items():
         ids = rng.choice(episode_ids, n_windows)
         starts = np.floor(rng.random(n_windows) * dataset.ep_len[ids]).astype(np.int64)
-        b = {k: v.to(device) for k, v in dataset.windows(ids, starts).items()}
+        inputs, valid, _ = dataset.windows(ids, starts, device)
         with autocast:
-            logits, _ = model(b["states"], b["returns"], b["action_bins"], b["rewards"], b["timesteps"], b["step_mask"])
-        loss, accuracy = action_loss(logits, b["action_bins"], b["valid"])
+            logits, _ = model(**inputs)
+        loss, accuracy = action_loss(logits, inputs["action_bins"], valid)
         out[dataset.tasks[task]["name"]] = (loss.item(), accuracy.item())
     model.train()
     return out
@@ -392,12 +397,10 @@ def main(args):
     def train_step(lr):
         for group in optimizer.param_groups:
             group["lr"] = lr
-        b = {k: v.to(device, non_blocking=True) for k, v in dataset.sample(args.batch_size, pools).items()}
+        inputs, valid, _ = dataset.sample(args.batch_size, pools, device)
         with autocast:
-            logits, _ = train_model(
-                b["states"], b["returns"], b["action_bins"], b["rewards"], b["timesteps"], b["step_mask"]
-            )
-        loss, accuracy = action_loss(logits, b["action_bins"], b["valid"])
+            logits, _ = train_model(**inputs)
+        loss, accuracy = action_loss(logits, inputs["action_bins"], valid)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)

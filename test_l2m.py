@@ -368,7 +368,7 @@ def random_batch(B=6, K=5, act_dim=4, seed=0, pad=True):
 
 
 def forward(net, b, **kw):
-    return net(b["states"], b["returns"], b["action_bins"], b["rewards"], b["timesteps"], b["step_mask"], **kw)
+    return net(**b, **kw)
 
 
 def test_later_tokens_do_not_change_earlier_outputs():
@@ -595,7 +595,8 @@ def test_dataset_windows_left_pad_returns_to_go_and_timesteps(tmp_path):
     write_fake_task(tmp_path, "cartpole-balance", episodes=3, length=10, obs_dim=5, act_dim=1)
     tasks, data, pools, heldout = pretrain.load_data(["reach-v3", "cartpole-balance"], str(tmp_path), 1, 5, 6, 64, 0)
     assert tasks[0]["target_return"] == 55.0 and tasks[1]["act_dim"] == 1 and len(pools) == 2
-    b = data.windows(np.array([1, 1, 4]), np.array([0, 8, 3]))  # episode 1 of reach; episode 1 of cartpole
+    b, valid, task = data.windows(np.array([1, 1, 4]), np.array([0, 8, 3]))  # episode 1 of reach; of cartpole
+    assert task.tolist() == [0, 0, 1]
     assert b["step_mask"][0].all() and b["step_mask"][1].tolist() == [False, False, False, True, True]
     assert b["timesteps"][1].tolist() == [0, 0, 0, 8, 9] and b["timesteps"][0].tolist() == [0, 1, 2, 3, 4]
     scale = 200.0  # Meta-World's reward scale: return-to-go at step t of rewards 1..10 is sum(t+1..10)
@@ -604,9 +605,9 @@ def test_dataset_windows_left_pad_returns_to_go_and_timesteps(tmp_path):
     assert torch.equal(b["states"][0, :, :39], torch.from_numpy(arrays["observations"][10:15]))
     assert (b["states"][:, :, 39:] == 0).all() and (b["states"][1, :3] == 0).all()
     assert (b["action_bins"][1, :3] == 64).all() and (b["action_bins"][2, :, 1:] == 64).all()  # padding token
-    assert b["valid"][2].sum() == 5 and b["valid"][0].sum() == 20 and b["valid"][1].sum() == 8
-    sampled = data.sample(64, pools)
-    assert (sampled["task_ids"] == 0).sum() == 32, "batches are balanced across domains"
+    assert valid[2].sum() == 5 and valid[0].sum() == 20 and valid[1].sum() == 8
+    _, _, sampled_task = data.sample(64, pools)
+    assert (sampled_task == 0).sum() == 32, "batches are balanced across domains"
 
 
 @pytest.fixture
@@ -806,12 +807,9 @@ def test_compare_runs_averages_seeds_per_method(tmp_path):
                     trainable_params=1234,
                     command=command,
                     stages=stages,
-                    args=dict(
-                        ckpt=str(tmp_path / "pretrain" / "ckpt.pt"),
-                        seed=seed,
-                        run_dir=name,
-                        frozen_dropout=frozen_dropout,
-                        tasks="cw10",
+                    args=dict(seed=seed, run_dir=name),
+                    setting=dict(
+                        ckpt=str(tmp_path / "pretrain" / "ckpt.pt"), frozen_dropout=frozen_dropout, tasks="cw10"
                     ),
                 )
             )
@@ -881,17 +879,17 @@ def test_l2_and_ewc_penalties_are_zero_at_the_anchor_and_positive_away():
 
 def test_ewc_fisher_is_the_mean_squared_gradient_of_the_action_loss():
     net, b = tiny_model(), random_batch()
-    b["valid"] = b["step_mask"][..., None].expand(-1, -1, 4).clone()
+    valid = b["step_mask"][..., None].expand(-1, -1, 4).clone()
 
     class OneBatch:  # the same batch every time: the Fisher must equal its squared gradient
-        def sample(self, batch_size, pools):
-            return b
+        def sample(self, batch_size, pools, device):
+            return b, valid, None
 
-    args = finetune.Args(fisher_batches=3, batch_size=len(b["valid"]))
+    args = finetune.Args(fisher_batches=3, batch_size=len(valid))
     fisher = finetune.fisher_diagonal(
         net, OneBatch(), None, args, torch.device("cpu"), torch.autocast("cpu", enabled=False)
     )
-    loss, _ = M.action_loss(forward(net, b)[0], b["action_bins"], b["valid"])
+    loss, _ = M.action_loss(forward(net, b)[0], b["action_bins"], valid)
     names, params = zip(*net.named_parameters())
     for name, grad in zip(names, torch.autograd.grad(loss, params, allow_unused=True)):
         expected = torch.zeros_like(fisher[name]) if grad is None else grad**2
@@ -1373,9 +1371,14 @@ def test_methods_and_seeds_run_side_by_side_each_in_its_own_folder(pipeline, tmp
     )
     finetune.main(args)
     for method in ("lora", "ft"):
+        settings = []
         for seed in (0, 1):
             run = tmp_path / "runs" / f"{method}-reach-v3-s{seed}"
-            assert json.loads((run / "results.json").read_text())["args"]["seed"] == seed, (run / "log.txt").read_text()
+            results = json.loads((run / "results.json").read_text())
+            assert results["args"]["seed"] == seed, (run / "log.txt").read_text()
+            settings.append(results["setting"])
+        assert settings[0] == settings[1] and settings[0]["method"] == method, "seeds of one setting share it"
+        assert not {"seed", "run_dir", "jobs", "seeds", "methods"} & set(settings[0])
 
 
 def test_the_readme_results_tables_regenerate_from_the_result_files():
