@@ -8,7 +8,8 @@ Reads nothing. Writes one `data/<task>.npz` per task, from one of two behaviour 
             buffer) is the dataset. This is how the paper's data was made, and the only way for DMControl.
 
 Data contract (`data/<task>.npz`, flat over transitions, episodes contiguous):
-  observations (N, obs_dim) float32   native size, not padded
+  observations (N, obs_dim) float32   Meta-World: its 39 columns, not padded; DMControl: the 204-column layout
+                                      of the authors' data (DMC_SLOTS below)
   actions      (N, act_dim) float32   in [-1, 1], the action that was executed
   rewards      (N,)         float32
   dones        (N,)         bool      last step of an episode (termination or time limit)
@@ -18,6 +19,7 @@ Examples:
   python collect.py                                   # the 50 Meta-World tasks, scripted (~5 min on 2 cores)
   python collect.py --tasks dmc16                     # SAC on the 16 DMControl tasks (~1 h on 2 cores)
   python collect.py --tasks hammer-v3,cartpole-swingup --episodes 10 --overwrite
+  python collect.py --source authors --authors-dir ~/dm_control --tasks dmc16   # the authors' released files
 """
 
 import os
@@ -26,6 +28,7 @@ os.environ.setdefault("MUJOCO_GL", "disable")  # no display on servers: physics 
 
 import argparse
 import ast
+import codecs
 import concurrent.futures
 import contextlib
 import copy
@@ -35,6 +38,7 @@ import glob
 import hashlib
 import inspect
 import multiprocessing
+import pickle
 import shutil
 import sys
 import tempfile
@@ -194,6 +198,7 @@ class MetaWorldEnv(gym.Env):
         self.env.seed(seed)
         self.horizon = METAWORLD_HORIZON
         space = self.env.observation_space
+        self.columns = np.arange(space.shape[0])  # the columns it fills: all 39
         self.observation_space = gym.spaces.Box(-np.inf, np.inf, space.shape, np.float32)
         self.action_space = gym.spaces.Box(-1.0, 1.0, self.env.action_space.shape, np.float32)
 
@@ -208,38 +213,60 @@ class MetaWorldEnv(gym.Env):
         return obs.astype(np.float32), float(reward), bool(terminated), bool(truncated), info
 
 
+# The authors' 204-column DMControl observation (src/envs/dmcontrol_utils.py, DMC_OBSTYPE_TO_STARTIDX and
+# DMC_OBSTYPE_TO_DIM): every observation key of the suite has its own columns, the same in every task; a task
+# fills the columns of its keys and leaves the rest 0. Their released DMControl files are stored this way.
+# fmt: off
+DMC_SLOTS = {  # key: (first column, width)
+    "orientations": (0, 14), "velocity": (14, 27), "position": (41, 8), "touch": (49, 5),
+    "target_position": (54, 2), "dist_to_target": (56, 1), "joint_angles": (57, 21), "upright": (78, 1),
+    "target": (79, 3), "head_height": (82, 1), "extremities": (83, 12), "torso_vertical": (95, 3),
+    "com_velocity": (98, 3), "arm_pos": (101, 16), "arm_vel": (117, 8), "hand_pos": (125, 4),
+    "object_pos": (129, 4), "object_vel": (133, 3), "target_pos": (136, 4), "orientation": (140, 2),
+    "to_target": (142, 2), "joints": (144, 14), "body_velocities": (158, 45), "height": (203, 1),
+}
+# fmt: on
+DMC_OBS_DIM = 204
+
+
 class DMControlEnv(gym.Env):
-    """One DMControl suite task: the observation dict flattened in the spec's fixed key order, 1000-step episodes."""
+    """One DMControl suite task: observations in the authors' 204-column layout (DMC_SLOTS), 1000-step episodes."""
 
     def __init__(self, name, seed=0):
         from dm_control import suite
 
         domain, task = name.split("-", 1)
         self.env = suite.load(domain, task, task_kwargs={"random": seed})
-        self.keys = list(self.env.observation_spec())  # fixed order, e.g. walker: orientations, height, velocity
-        obs_dim = sum(int(np.prod(spec.shape)) for spec in self.env.observation_spec().values())
+        spec = self.env.observation_spec()
+        self.keys = list(spec)  # fixed order, e.g. walker: orientations, height, velocity
+        # the columns this task fills, in key order: obs[self.columns] is dm_control's own flattening
+        self.columns = np.concatenate(
+            [np.arange(DMC_SLOTS[k][0], DMC_SLOTS[k][0] + int(np.prod(spec[k].shape))) for k in self.keys]
+        )
         act_spec = self.env.action_spec()
         assert np.all(act_spec.minimum == -1) and np.all(act_spec.maximum == 1), f"{name}: actions not in [-1, 1]"
         self.horizon = DMC_HORIZON
-        self.observation_space = gym.spaces.Box(-np.inf, np.inf, (obs_dim,), np.float32)
+        self.observation_space = gym.spaces.Box(-np.inf, np.inf, (DMC_OBS_DIM,), np.float32)
         self.action_space = gym.spaces.Box(-1.0, 1.0, act_spec.shape, np.float32)
         self.t = 0
 
-    def _flat(self, observation):
-        return np.concatenate([np.asarray(observation[k], np.float32).ravel() for k in self.keys])
+    def _observation(self, observation):
+        full = np.zeros(DMC_OBS_DIM, np.float32)
+        full[self.columns] = np.concatenate([np.asarray(observation[k], np.float32).ravel() for k in self.keys])
+        return full
 
     def reset(self, *, seed=None, options=None):
         if seed is not None:  # the task draws its initial state from this RNG (dm_control.suite.base.Task)
             self.env.task._random = np.random.RandomState(seed)
         self.t = 0
-        return self._flat(self.env.reset().observation), {}
+        return self._observation(self.env.reset().observation), {}
 
     def step(self, action):
         ts = self.env.step(np.clip(action, -1.0, 1.0))
         self.t += 1
         terminated = ts.last() and ts.discount == 0
         truncated = not terminated and (ts.last() or self.t >= self.horizon)
-        return self._flat(ts.observation), float(ts.reward), terminated, truncated, {}
+        return self._observation(ts.observation), float(ts.reward), terminated, truncated, {}
 
 
 def make_env(name, seed=0):
@@ -321,6 +348,106 @@ class SAC(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# The authors' released data (huggingface.co/datasets/ml-jku/meta-world and ml-jku/dm_control), read into our
+# contract. Their Meta-World files are pickled stable-baselines3 ReplayBuffers, recorded on Meta-World v2.
+
+
+def authors_file_name(name):
+    """Our task name -> the authors' file name: 'hammer-v3' -> 'hammer-v2.pkl', 'walker-walk' -> 'walker_walk.npz'."""
+    return name[: -len("-v3")] + "-v2.pkl" if is_metaworld(name) else name.replace("-", "_") + ".npz"
+
+
+def find_authors_file(folder, name):
+    """The one file of a task under `folder` (searched recursively); a ValueError says what to download if none."""
+    if not folder or not os.path.isdir(folder):
+        raise ValueError(f"--source authors needs --authors-dir: the folder of the authors' files (got {folder!r})")
+    found = sorted(glob.glob(os.path.join(folder, "**", authors_file_name(name)), recursive=True))
+    if len(found) != 1:
+        raise ValueError(
+            f"{'no' if not found else 'more than one'} {authors_file_name(name)} under {folder} "
+            f"{found if found else ''}: download the authors' data (`huggingface-cli download ml-jku/meta-world` "
+            "or `ml-jku/dm_control --repo-type dataset`) and point --authors-dir at one copy"
+        )
+    return found[0]
+
+
+class InertObject:
+    """What a pickle's classes and functions become, apart from numpy's array builders: it takes any arguments
+    and state and runs nothing, so a downloaded pickle builds arrays and attribute holders, never code."""
+
+    def __new__(cls, *args, **kwargs):
+        return super().__new__(cls)
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        self.__dict__.update(state if isinstance(state, dict) else {"state": state})
+
+
+# (module, name) -> the numpy builder it stands for; pickles from numpy 1 say numpy.core, from numpy 2 numpy._core
+ARRAY_BUILDERS = {
+    (f"{package}.{module}", name): builder
+    for package in ("numpy.core", "numpy._core")
+    for module, name, builder in (
+        ("multiarray", "_reconstruct", np._core.multiarray._reconstruct),
+        ("multiarray", "scalar", np._core.multiarray.scalar),
+        ("numeric", "_frombuffer", np._core.numeric._frombuffer),
+    )
+} | {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype, ("_codecs", "encode"): codecs.encode}
+
+
+class ArraysOnlyUnpickler(pickle.Unpickler):
+    """Reads a pickled replay buffer without importing stable-baselines3 or running anything it names."""
+
+    def find_class(self, module, name):
+        return ARRAY_BUILDERS.get((module, name), InertObject)
+
+
+def read_authors_file(path, name):
+    """One task's file of the authors -> our contract's arrays. DMControl .npz: flat (N, 204) or buffer-shaped
+    (N, 1, 204) arrays. Meta-World .pkl: an SB3 ReplayBuffer, (capacity, 1, dim) arrays valid up to its `pos`.
+    Both are cut after the last done (a trailing unfinished episode is dropped)."""
+    keys = ("observations", "actions", "rewards", "dones")
+    if path.endswith(".pkl"):
+        with open(path, "rb") as f:
+            try:
+                buffer = ArraysOnlyUnpickler(f).load()
+            except Exception as e:
+                raise ValueError(f"{path}: not a readable pickle ({type(e).__name__}: {e})") from None
+        fields = vars(buffer) if isinstance(buffer, InertObject) else {}
+        if not {*keys, "pos"} <= set(fields):
+            raise ValueError(f"{path}: not a stable-baselines3 replay buffer (no {', '.join(keys)}, pos)")
+        end = len(fields["observations"]) if fields.get("full") else int(fields["pos"])
+        raw = {k: np.asarray(fields[k])[:end] for k in keys}
+    else:
+        with np.load(path) as f:  # allow_pickle stays off: a .npz holds arrays only
+            missing = set(keys) - set(f.files)
+            if missing:
+                raise ValueError(f"{path}: missing {sorted(missing)}; expected the authors' DMControl arrays")
+            raw = {k: f[k] for k in keys}
+    n = len(raw["observations"])
+    ends = np.flatnonzero(raw["dones"].reshape(n))
+    if len(ends) == 0:
+        raise ValueError(f"{path}: no finished episode (no done in {n} transitions)")
+    cut = ends[-1] + 1
+    arrays = dict(
+        observations=raw["observations"].reshape(n, -1)[:cut].astype(np.float32),
+        actions=raw["actions"].reshape(n, -1)[:cut].astype(np.float32),
+        rewards=raw["rewards"].reshape(n)[:cut].astype(np.float32),
+        dones=raw["dones"].reshape(n)[:cut].astype(bool),
+    )
+    found, expected = (arrays["observations"].shape[1], arrays["actions"].shape[1]), env_dims(name)
+    if found != expected:
+        layout = "" if is_metaworld(name) else " (DMControl: the 204-column _full files)"
+        raise ValueError(
+            f"{path}: {found[0]} observation columns and {found[1]} action dims, but {name} has "
+            f"{expected[0]} and {expected[1]}{layout}"
+        )
+    return arrays
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Collection (one task per worker process)
 
 
@@ -343,7 +470,11 @@ class Args:
     tasks: str = "mt50"
     """comma-separated task names and/or list names: cw10, mt40, mt50, dmc10, dmc6, dmc16"""
     source: str = "auto"
-    """behaviour source: scripted | sac | auto (scripted for Meta-World, sac for DMControl)"""
+    """behaviour source: scripted | sac | auto (scripted for Meta-World, sac for DMControl) | authors (convert
+    the authors' released files in --authors-dir)"""
+    authors_dir: str = ""
+    """with --source authors: the folder holding the authors' downloaded files (searched recursively): Meta-World
+    <task>-v2.pkl replay buffers, DMControl <domain>_<task>.npz"""
     episodes: int = None
     """episodes recorded per task; for sac also its training budget (episodes x horizon env steps).
     Default: scripted 100, sac 50"""
@@ -373,7 +504,8 @@ class Args:
 
 
 GROUPS = {"what to collect": "tasks", "output": "data_dir", "sac (DMControl)": "sac_warmup_steps"}
-CHOICES = {"source": ("auto", "scripted", "sac"), "hold": HOLD_CHOICES}
+SOURCES = ("auto", "scripted", "sac", "authors")
+CHOICES = {"source": SOURCES, "hold": HOLD_CHOICES}
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -577,7 +709,8 @@ def collect_scripted(env, expert, episodes, noise_levels, hold, rng, progress):
 def collect_sac(env, episodes, args, seed, rng, progress):
     """Train SAC online for `episodes` episodes; yield every transition it experienced (its replay buffer)."""
     torch.manual_seed(seed)
-    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
+    columns = env.columns  # SAC learns from the task's own columns, not the unused ones of the 204-d layout
+    obs_dim, act_dim = len(columns), env.action_space.shape[0]
     agent = SAC(obs_dim, act_dim, hidden=args.sac_hidden, lr=args.sac_lr)
     capacity = episodes * env.horizon
     buf_obs = np.zeros((capacity, obs_dim), np.float32)
@@ -593,15 +726,10 @@ def collect_sac(env, episodes, args, seed, rng, progress):
             if n < args.sac_warmup_steps:
                 action = rng.uniform(-1.0, 1.0, act_dim).astype(np.float32)
             else:
-                action = agent.act(obs)
+                action = agent.act(obs[columns])
             next_obs, reward, terminated, truncated, info = env.step(action)
-            buf_obs[n], buf_act[n], buf_rew[n], buf_next_obs[n], buf_terminal[n] = (
-                obs,
-                action,
-                reward,
-                next_obs,
-                terminated,
-            )
+            buf_obs[n], buf_act[n], buf_rew[n] = obs[columns], action, reward
+            buf_next_obs[n], buf_terminal[n] = next_obs[columns], terminated
             n += 1
             yield obs, action, reward, terminated or truncated, info.get("success", False)
             obs = next_obs
@@ -667,29 +795,33 @@ def collect_task(name, source, args):
         arrays["successes"] = successes.astype(bool)
     save_npz(os.path.join(args.data_dir, f"{name}.npz"), arrays)
 
+    # SAC's starting point: the mean over its uniform-random warm-up episodes (one episode alone is too noisy)
+    summary = summarize(name, source, arrays, args.sac_warmup_steps // env.horizon if source == "sac" else 0)
+    summary["seconds"] = time.perf_counter() - start
+    if hold is not None:
+        summary["hold"] = hold if scores is None else f"{hold} ({', '.join(f'{r} {n}' for r, n in scores.items())})"
+    return summary
+
+
+def summarize(name, source, arrays, random_episodes=0):
+    """A dataset's numbers for the summary line: episodes, returns, and for Meta-World success at the episode's
+    last step (the paper's metric) and at any step (Continual World's)."""
     ends = np.flatnonzero(arrays["dones"]) + 1
     episode_returns = np.add.reduceat(arrays["rewards"], np.r_[0, ends[:-1]])
     last = max(1, len(episode_returns) // 10)
-    # SAC's starting point: the mean over its uniform-random warm-up episodes (one episode alone is too noisy)
-    n_random = args.sac_warmup_steps // env.horizon if source == "sac" else 0
     summary = dict(
         task=name,
         source=source,
         episodes=len(ends),
-        transitions=len(rewards),
-        start_return=float(episode_returns[: max(1, n_random)].mean()),
+        transitions=len(arrays["rewards"]),
+        start_return=float(episode_returns[: max(1, random_episodes)].mean()),
         mean_return=float(episode_returns.mean()),
         last_return=float(episode_returns[-last:].mean()),
         max_return=float(episode_returns.max()),
-        seconds=time.perf_counter() - start,
     )
-    if is_metaworld(
-        name
-    ):  # success at the episode's last step (the paper's metric) and at any step (Continual World's)
+    if "successes" in arrays:
         summary["success"] = float(arrays["successes"][ends - 1].mean())
         summary["success_any"] = float(np.maximum.reduceat(arrays["successes"], np.r_[0, ends[:-1]]).mean())
-    if hold is not None:
-        summary["hold"] = hold if scores is None else f"{hold} ({', '.join(f'{r} {n}' for r, n in scores.items())})"
     return summary
 
 
@@ -707,8 +839,10 @@ def format_summary(s):
 def check_args(args):
     """Validate everything cheap before any worker starts; raises ValueError with a message a user can act on."""
     names = resolve_tasks(args.tasks)
-    if args.source not in ("auto", "scripted", "sac"):
-        raise ValueError(f"unknown --source {args.source!r}: use scripted, sac or auto")
+    if args.source not in SOURCES:
+        raise ValueError(f"unknown --source {args.source!r}: use {', '.join(SOURCES)}")
+    if args.source == "authors":
+        [find_authors_file(args.authors_dir, name) for name in names]  # every file there, before any is written
     if args.source == "scripted" and not all(map(is_metaworld, names)):
         bad = [n for n in names if not is_metaworld(n)]
         raise ValueError(
@@ -747,6 +881,16 @@ def main(args):
         else:
             todo.append(name)
     if not todo:
+        return
+    if args.source == "authors":  # a conversion: quick, in this process
+        for name in todo:
+            start = time.perf_counter()
+            try:
+                arrays = read_authors_file(find_authors_file(args.authors_dir, name), name)
+            except ValueError as e:
+                sys.exit(f"collect.py: error: {e}")
+            save_npz(os.path.join(args.data_dir, f"{name}.npz"), arrays)
+            print(format_summary(dict(summarize(name, "authors", arrays), seconds=time.perf_counter() - start)))
         return
     episodes = {n: args.episodes or default_episodes[sources[n]] for n in todo}
     total_steps = sum(episodes[n] * horizon(n) for n in todo)

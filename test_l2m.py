@@ -6,6 +6,7 @@ Unit tests of each stage's behaviour that matters, plus end-to-end runs of the s
 import glob
 import json
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -92,6 +93,25 @@ def test_env_follows_gymnasium_interface_and_episode_length(name, horizon):
             assert "success" in info
     assert steps == horizon and truncated and not terminated
     assert collect.env_dims(name) == (env.observation_space.shape[0], env.action_space.shape[0])
+
+
+def test_dmcontrol_observations_use_the_authors_204_column_layout():
+    """Every key in its own fixed columns (the authors' DMC_OBSTYPE_TO_STARTIDX), zeros elsewhere, for all 16 tasks."""
+    starts = [start for start, _ in collect.DMC_SLOTS.values()]
+    assert starts == sorted(starts) and sum(w for _, w in collect.DMC_SLOTS.values()) == collect.DMC_OBS_DIM == 204
+    for name in collect.DMC16:
+        env = collect.make_env(name, seed=0)
+        obs, _ = env.reset(seed=1)
+        raw = env.env.task.get_observation(env.env.physics)  # dm_control's own observation dict, now
+        assert obs.shape == (204,) and env.observation_space.shape == (204,)
+        for key, value in raw.items():
+            start, width = collect.DMC_SLOTS[key]
+            value = np.asarray(value, np.float32).ravel()
+            assert len(value) <= width, f"{name}: {key} overflows its slot"
+            np.testing.assert_array_equal(obs[start : start + len(value)], value)
+        unused = np.setdiff1d(np.arange(204), env.columns)
+        assert not obs[unused].any() and len(set(env.columns)) == len(env.columns)
+    assert 203 in collect.make_env("walker-walk").columns  # the authors' example: walker's height, the last column
 
 
 def test_metaworld_draws_a_new_placement_each_episode():
@@ -207,6 +227,9 @@ def test_scripted_collection_writes_the_contract_with_expert_success(collected):
 def test_sac_collection_writes_its_replay_buffer(collected):
     data = check_contract(collected[0] / "cartpole-balance.npz", act_dim=1, episodes=2, horizon=1000)
     assert "successes" not in data
+    # stored in the 204-column layout evaluation feeds the model: the columns cartpole's env fills, zeros elsewhere
+    filled = np.flatnonzero(np.abs(data["observations"]).sum(0))
+    assert data["observations"].shape[1] == 204 and set(filled) == set(collect.make_env("cartpole-balance").columns)
     warmup, learned = data["actions"][:1500], data["actions"][1500:]
     assert np.abs(warmup.mean()) < 0.1 and not np.allclose(learned, learned[0])  # uniform, then the actor
 
@@ -222,6 +245,90 @@ def test_existing_file_is_skipped_unless_overwrite(collected):
     before = (collected[0] / "reach-v3.npz").stat().st_mtime_ns
     proc = run_script("collect.py", "--tasks", "reach-v3", "--episodes", "1", "--data-dir", str(collected[0]))
     assert "skip reach-v3" in proc.stdout and (collected[0] / "reach-v3.npz").stat().st_mtime_ns == before
+
+
+# The authors' released files, as synthetic stand-ins of both layouts (no download in tests)
+
+
+class ReplayBuffer:
+    """Pickles like stable-baselines3's ReplayBuffer: (capacity, n_envs, dim) arrays, valid up to `pos`, plus
+    objects (a torch device, a gymnasium space) that the reader must not need to build."""
+
+    def __init__(self, episodes, length, capacity, obs_dim=39, act_dim=4, seed=0):
+        rng = np.random.default_rng(seed)
+        self.pos, self.full, self.n_envs = episodes * length + length // 2, False, 1  # a half episode at the end
+        self.observations = rng.standard_normal((capacity, 1, obs_dim)).astype(np.float32)
+        self.next_observations = rng.standard_normal((capacity, 1, obs_dim)).astype(np.float32)
+        self.actions = rng.uniform(-1, 1, (capacity, 1, act_dim)).astype(np.float32)
+        self.rewards = rng.standard_normal((capacity, 1)).astype(np.float32)
+        self.dones = np.zeros((capacity, 1), np.float32)
+        self.dones[length - 1 : episodes * length : length] = 1.0
+        self.timeouts = self.dones.copy()
+        self.device = torch.device("cpu")
+        self.observation_space = collect.gym.spaces.Box(-1.0, 1.0, (obs_dim,), np.float32)
+
+
+class Canary:
+    """A pickled object whose unpickling would delete a file: what a malicious download could hold."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return os.remove, (self.path,)
+
+
+def authors_dmc_file(path, episodes, length, shape_prefix, width=204):
+    rng = np.random.default_rng(1)
+    n = episodes * length + 7  # 7 steps of an unfinished episode at the end
+    dones = np.zeros(n, bool)
+    dones[length - 1 : episodes * length : length] = True
+    np.savez(
+        path,
+        observations=rng.standard_normal((n, *shape_prefix, width)).astype(np.float32),
+        next_observations=rng.standard_normal((n, *shape_prefix, width)).astype(np.float32),
+        actions=rng.uniform(-1, 1, (n, *shape_prefix, 1)).astype(np.float32),
+        rewards=rng.standard_normal((n, *shape_prefix)).astype(np.float32),
+        dones=dones.reshape(n, *shape_prefix),
+    )
+    return np.load(path)
+
+
+@pytest.mark.parametrize("shape_prefix", [(), (1,)], ids=["flat", "buffer-shaped"])
+def test_authors_dmcontrol_npz_converts_to_the_contract(tmp_path, shape_prefix):
+    (tmp_path / "dm_control_1M_v3_full").mkdir()
+    raw = authors_dmc_file(tmp_path / "dm_control_1M_v3_full" / "cartpole_balance.npz", 3, 20, shape_prefix)
+    out = tmp_path / "data"
+    argv = ["--source", "authors", "--authors-dir", str(tmp_path), "--data-dir", str(out)]
+    collect.cli([*argv, "--tasks", "cartpole-balance"])
+    data = check_contract(out / "cartpole-balance.npz", act_dim=1, episodes=3, horizon=20)  # the half episode: gone
+    np.testing.assert_array_equal(data["observations"], raw["observations"].reshape(-1, 204)[:60])
+    np.testing.assert_array_equal(data["rewards"], raw["rewards"].reshape(-1)[:60])
+    assert data["observations"].shape[1] == collect.env_dims("cartpole-balance")[0] == 204
+
+
+def test_authors_metaworld_replay_buffer_converts_without_running_its_code(tmp_path):
+    canary = tmp_path / "canary"
+    canary.write_text("still here")
+    buffer = ReplayBuffer(episodes=2, length=200, capacity=1000)
+    buffer.callback = Canary(str(canary))
+    with open(tmp_path / "reach-v2.pkl", "wb") as f:
+        pickle.dump(buffer, f, protocol=pickle.HIGHEST_PROTOCOL)
+    out = tmp_path / "data"
+    collect.cli(["--source", "authors", "--authors-dir", str(tmp_path), "--tasks", "reach", "--data-dir", str(out)])
+    assert canary.exists(), "reading a downloaded pickle ran code it named"
+    data = check_contract(out / "reach-v3.npz", act_dim=4, episodes=2, horizon=200)
+    np.testing.assert_array_equal(data["observations"], buffer.observations[:400, 0])
+    np.testing.assert_array_equal(data["actions"], buffer.actions[:400, 0])
+    assert "successes" not in data  # their buffers record none
+
+
+def test_authors_files_in_the_wrong_layout_or_missing_are_refused(tmp_path, capsys):
+    authors_dmc_file(tmp_path / "cartpole_balance.npz", 2, 20, (), width=5)  # dm_control's own flattening
+    argv = ["--source", "authors", "--authors-dir", str(tmp_path), "--data-dir", str(tmp_path / "data")]
+    assert "204-column" in refuses(collect, [*argv, "--tasks", "cartpole-balance"], capsys)
+    assert "no walker_walk.npz" in refuses(collect, [*argv, "--tasks", "walker-walk"], capsys)
+    assert not (tmp_path / "data" / "cartpole-balance.npz").exists()
 
 
 @pytest.mark.parametrize(
