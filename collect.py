@@ -14,6 +14,8 @@ Data contract (`data/<task>.npz`, flat over transitions, episodes contiguous):
   rewards      (N,)         float32
   dones        (N,)         bool      last step of an episode (termination or time limit)
   successes    (N,)         bool      Meta-World only: info["success"] after the step
+  random_return ()          float32   DMControl only: mean return of uniform-random actions (10 episodes), the
+                                      zero of the data-normalized score (the paper's DMControl metric)
 
 Examples:
   python collect.py                                   # the 50 Meta-World tasks, scripted (~5 min on 2 cores)
@@ -352,6 +354,18 @@ class SAC(nn.Module):
 # contract. Their Meta-World files are pickled stable-baselines3 ReplayBuffers, recorded on Meta-World v2.
 
 
+# The authors' random-policy returns of the 16 DMControl tasks (ENVID_TO_DNS in src/envs/dmcontrol_dn_scores.py;
+# their data means, the score's 1, are recomputed from the files), the zero of the score for their data.
+# fmt: off
+AUTHORS_RANDOM_RETURN = {
+    "cartpole-balance": 350.391, "finger-turn_easy": 57.8, "finger-turn_hard": 40.6, "fish-upright": 229.406,
+    "hopper-stand": 1.296, "pendulum-swingup": 0.0, "point_mass-easy": 1.341, "reacher-hard": 8.0,
+    "walker-stand": 134.701, "walker-run": 23.427, "ball_in_cup-catch": 0.0, "cartpole-swingup": 27.414,
+    "cheetah-run": 3.207, "finger-spin": 0.2, "reacher-easy": 33.0, "walker-walk": 30.193,
+}
+# fmt: on
+
+
 def authors_file_name(name):
     """Our task name -> the authors' file name: 'hammer-v3' -> 'hammer-v2.pkl', 'walker-walk' -> 'walker_walk.npz'."""
     return name[: -len("-v3")] + "-v2.pkl" if is_metaworld(name) else name.replace("-", "_") + ".npz"
@@ -437,6 +451,8 @@ def read_authors_file(path, name):
         rewards=raw["rewards"].reshape(n)[:cut].astype(np.float32),
         dones=raw["dones"].reshape(n)[:cut].astype(bool),
     )
+    if not is_metaworld(name):
+        arrays["random_return"] = np.float32(AUTHORS_RANDOM_RETURN[name])
     found, expected = (arrays["observations"].shape[1], arrays["actions"].shape[1]), env_dims(name)
     if found != expected:
         layout = "" if is_metaworld(name) else " (DMControl: the 204-column _full files)"
@@ -608,7 +624,7 @@ def save_npz(path, arrays):
         for key, value in arrays.items():
             info = zipfile.ZipInfo(key + ".npy", date_time=(1980, 1, 1, 0, 0, 0))
             with archive.open(info, "w", force_zip64=True) as f:
-                np.lib.format.write_array(f, np.ascontiguousarray(value), allow_pickle=False)
+                np.lib.format.write_array(f, np.asarray(value, order="C"), allow_pickle=False)
 
 
 def save_atomic(obj, path):
@@ -706,6 +722,20 @@ def collect_scripted(env, expert, episodes, noise_levels, hold, rng, progress):
         progress.put(len(transitions))
 
 
+def random_policy_return(env, seed, episodes=10):
+    """Mean return of uniform-random actions: the zero of DMControl's data-normalized score (the authors measure it
+    the same way, 10 episodes: evaluate_random_policy in src/envs/dmcontrol_dn_scores.py)."""
+    rng = np.random.default_rng(seed)
+    total = 0.0
+    for _ in range(episodes):
+        env.reset(seed=int(rng.integers(2**31)))
+        done = False
+        while not done:
+            _, reward, terminated, truncated, _ = env.step(rng.uniform(-1.0, 1.0, env.action_space.shape))
+            total, done = total + reward, terminated or truncated
+    return total / episodes
+
+
 def collect_sac(env, episodes, args, seed, rng, progress):
     """Train SAC online for `episodes` episodes; yield every transition it experienced (its replay buffer)."""
     torch.manual_seed(seed)
@@ -793,6 +823,8 @@ def collect_task(name, source, args):
     )
     if is_metaworld(name):
         arrays["successes"] = successes.astype(bool)
+    else:  # episodes of its own seeds, disjoint from the recorded ones
+        arrays["random_return"] = np.float32(random_policy_return(env, seed + 2 * 10**6))
     save_npz(os.path.join(args.data_dir, f"{name}.npz"), arrays)
 
     # SAC's starting point: the mean over its uniform-random warm-up episodes (one episode alone is too noisy)

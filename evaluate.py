@@ -34,6 +34,7 @@ from collect import (
     check_output,
     file_sha256,
     horizon,
+    is_metaworld,
     load_checkpoint,
     make_env,
     parse_args,
@@ -135,7 +136,8 @@ def rollout(model, tasks, episodes, device, task_ids=None):
     tasks: checkpoint task entries (name, act_dim, reward_scale, target_return) of one horizon. task_ids: the
     oracle's task id per task, or None. -> per task: success at the last step (the paper's metric) and at any step
     (Continual World's), returns, routing counts; and a timing dict: seconds spent building envs, in the model and
-    stepping, and every env's actions (for --bench)."""
+    stepping, and every env's actions (for --bench). DMControl has no success: both hold the paper's metric there,
+    the data-normalized score (R - R_random) / (R_data - R_random), 0 for random actions, 1 for the data's mean."""
     cfg = model.cfg
     K, A, N = cfg.context_len, cfg.act_dim, episodes * len(tasks)
     start = time.perf_counter()
@@ -204,12 +206,16 @@ def rollout(model, tasks, episodes, device, task_ids=None):
     results = []
     for j, task in enumerate(tasks):
         mine = env_task == j
+        success = float(success_last[mine].mean()), float(success_any[mine].mean())
+        if not is_metaworld(task["name"]):  # no success signal: the paper's DMControl metric in both places
+            score = (total_return[mine] - task["random_return"]) / (task["data_return"] - task["random_return"])
+            success = float(score.mean()), float(score.mean())
         results.append(
             dict(
                 task=task["name"],
                 episodes=episodes,
-                success=float(success_last[mine].mean()),
-                success_any=float(success_any[mine].mean()),
+                success=success[0],
+                success_any=success[1],
                 mean_return=float(total_return[mine].mean()),
                 returns=total_return[mine].tolist(),
                 routing=routing[j].tolist(),
@@ -257,11 +263,23 @@ def replay_seconds(timing):
     return time.perf_counter() - start
 
 
+def metric_name(names):
+    """What a run's "success" numbers are: success at the last step (Meta-World), the data-normalized score
+    (DMControl, which has no success signal), or both."""
+    domains = {is_metaworld(n) for n in names}
+    if domains == {False}:
+        return "normalized score"
+    return "success (last step)" if domains == {True} else "success (last step) or normalized score (DMControl)"
+
+
 def format_results(results):
-    """A markdown table of per-task results, with a mean row. Success at the last step is the paper's metric."""
-    lines = ["| task | success (last step) | success (any step) | mean return |", "|---|---|---|---|"]
+    """A markdown table of per-task results, with a mean row. Success at the last step is the paper's metric
+    (DMControl: the normalized score, with no any-step column)."""
+    header = f"| task | {metric_name([r['task'] for r in results])} | success (any step) | mean return |"
+    lines = [header, "|---|---|---|---|"]
     for r in results:
-        lines.append(f"| {r['task']} | {r['success']:.2f} | {r['success_any']:.2f} | {r['mean_return']:.1f} |")
+        any_step = f"{r['success_any']:.2f}" if is_metaworld(r["task"]) else "–"
+        lines.append(f"| {r['task']} | {r['success']:.2f} | {any_step} | {r['mean_return']:.1f} |")
     lines.append(
         f"| **mean** | **{np.mean([r['success'] for r in results]):.2f}** | "
         f"{np.mean([r['success_any'] for r in results]):.2f} | |"
@@ -321,21 +339,22 @@ def sequence_report(ckpt):
     any_step = continual_metrics(S_any)
     metrics.update(average_any=any_step["average"], forgetting_any=any_step["forgetting"])
     final = ckpt["stages"][-1]["results"]
+    metric = metric_name(names)
+    any_step = (
+        [] if metric == "normalized score" else ["## Success at any step", "", success_matrix_table(names, S_any), ""]
+    )
     text = [
         f"# {ckpt['method']} on {len(names)} tasks",
         "",
-        f"average success {metrics['average']:.2f} (last step; any step {metrics['average_any']:.2f}) | "
+        f"average {metric} {metrics['average']:.2f} (any step {metrics['average_any']:.2f}) | "
         f"forgetting {metrics['forgetting']:.2f} (any step {metrics['forgetting_any']:.2f}) | "
         f"trainable parameters {ckpt['trainable_params']:,}",
         "",
-        "## Success at the last step (row: after learning that task; column: evaluated task)",
+        f"## {metric[0].upper() + metric[1:]} (row: after learning that task; column: evaluated task)",
         "",
         success_matrix_table(names, S),
         "",
-        "## Success at any step",
-        "",
-        success_matrix_table(names, S_any),
-        "",
+        *any_step,
         "## After the last task",
         "",
         format_results(final),
@@ -528,14 +547,14 @@ def write_sequence_report(run_dir, ckpt):
 
     fig, ax = plt.subplots(figsize=(max(4.5, 1.5 + 0.5 * len(names)), max(4.0, 1.2 + 0.45 * len(names))))
     image = ax.imshow(S, vmin=0, vmax=1, cmap="viridis")
-    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="success at the last step")
+    metric = metric_name(names)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label=metric)
     short = [n.removesuffix("-v3") for n in names]
     ax.set_xticks(range(len(names)), short, rotation=60, ha="right", fontsize=7)
     ax.set_yticks(range(len(names)), short, fontsize=7)
     ax.set_xlabel("evaluated task"), ax.set_ylabel("after learning")
     ax.set_title(
-        f"{ckpt['method']}: success at the last step (average {metrics['average']:.2f}, "
-        f"forgetting {metrics['forgetting']:.2f})",
+        f"{ckpt['method']}: {metric} (average {metrics['average']:.2f}, forgetting {metrics['forgetting']:.2f})",
         fontsize=8,
     )
     for i in range(len(names)):
@@ -547,8 +566,8 @@ def write_sequence_report(run_dir, ckpt):
     for j, name in enumerate(short):
         ax.plot(range(j, len(names)), S[j:, j], marker="o", ms=3, label=name)
     ax.set_xticks(range(len(names)), short, rotation=60, ha="right", fontsize=7)
-    ax.set_xlabel("after learning"), ax.set_ylabel("success (last step)"), ax.set_ylim(-0.05, 1.05)
-    ax.set_title(f"{ckpt['method']}: each task's success from the time it was learned", fontsize=8)
+    ax.set_xlabel("after learning"), ax.set_ylabel(metric), ax.set_ylim(-0.05, 1.05)
+    ax.set_title(f"{ckpt['method']}: each task's {metric} from the time it was learned", fontsize=8)
     ax.legend(fontsize=6, ncol=2, loc="center left", bbox_to_anchor=(1, 0.5))
     save_figure(fig, os.path.join(run_dir, "success_curves.png"))
 

@@ -144,6 +144,7 @@ def load_task(path):
         actions=np.clip(act, -1, 1).astype(np.float32),
         rewards=rew.astype(np.float32),
         dones=done.astype(bool),
+        **({"random_return": float(data["random_return"])} if "random_return" in data else {}),
     )
 
 
@@ -252,10 +253,18 @@ def load_data(names, data_dir, holdout_episodes, K, act_dim, n_bins, seed):
                 act_dim=int(data["actions"].shape[1]),
                 reward_scale=REWARD_SCALE[domain],
                 target_return=float(returns.max()),
+                data_return=float(returns.mean()),  # DMControl's normalized score: 1 here, 0 at random_return
                 episodes=len(ends),
                 transitions=len(data["rewards"]),
             )
         )
+        if domain == "dmcontrol":
+            if "random_return" not in data:
+                raise ValueError(
+                    f"{path} has no random_return (the zero of DMControl's normalized score): collect it again "
+                    f"with `python collect.py --tasks {name} --data-dir {data_dir} --overwrite`"
+                )
+            tasks[-1]["random_return"] = data["random_return"]
         for j, (s, e) in enumerate(zip(starts, ends)):
             if j >= len(ends) - holdout_episodes:
                 heldout.append(len(episodes))

@@ -230,6 +230,7 @@ def test_sac_collection_writes_its_replay_buffer(collected):
     # stored in the 204-column layout evaluation feeds the model: the columns cartpole's env fills, zeros elsewhere
     filled = np.flatnonzero(np.abs(data["observations"]).sum(0))
     assert data["observations"].shape[1] == 204 and set(filled) == set(collect.make_env("cartpole-balance").columns)
+    assert data["random_return"].shape == () and 0 < data["random_return"] < 1000  # the normalized score's zero
     warmup, learned = data["actions"][:1500], data["actions"][1500:]
     assert np.abs(warmup.mean()) < 0.1 and not np.allclose(learned, learned[0])  # uniform, then the actor
 
@@ -305,6 +306,7 @@ def test_authors_dmcontrol_npz_converts_to_the_contract(tmp_path, shape_prefix):
     np.testing.assert_array_equal(data["observations"], raw["observations"].reshape(-1, 204)[:60])
     np.testing.assert_array_equal(data["rewards"], raw["rewards"].reshape(-1)[:60])
     assert data["observations"].shape[1] == collect.env_dims("cartpole-balance")[0] == 204
+    assert data["random_return"] == np.float32(350.391)  # the authors' random score for their data
 
 
 def test_authors_metaworld_replay_buffer_converts_without_running_its_code(tmp_path):
@@ -693,13 +695,15 @@ def write_fake_task(data_dir, name, episodes=4, length=20, obs_dim=39, act_dim=4
         rewards=np.tile(np.arange(1, length + 1), episodes).astype(np.float32),
         dones=np.tile(np.arange(length) == length - 1, episodes),
     )
+    if not collect.is_metaworld(name):
+        arrays["random_return"] = np.float32(1.0)
     collect.save_npz(str(data_dir / f"{name}.npz"), arrays)
     return arrays
 
 
 def test_dataset_windows_left_pad_returns_to_go_and_timesteps(tmp_path):
     arrays = write_fake_task(tmp_path, "reach-v3", episodes=3, length=10)
-    write_fake_task(tmp_path, "cartpole-balance", episodes=3, length=10, obs_dim=5, act_dim=1)
+    write_fake_task(tmp_path, "cartpole-balance", episodes=3, length=10, obs_dim=204, act_dim=1)
     tasks, data, pools, heldout = pretrain.load_data(["reach-v3", "cartpole-balance"], str(tmp_path), 1, 5, 6, 64, 0)
     assert tasks[0]["target_return"] == 55.0 and tasks[1]["act_dim"] == 1 and len(pools) == 2
     b, valid, task = data.windows(np.array([1, 1, 4]), np.array([0, 8, 3]))  # episode 1 of reach; of cartpole
@@ -710,7 +714,7 @@ def test_dataset_windows_left_pad_returns_to_go_and_timesteps(tmp_path):
     assert torch.allclose(b["returns"][0] * scale, torch.tensor([55.0, 54, 52, 49, 45]))
     assert torch.allclose(b["rewards"][1, 3:] * scale, torch.tensor([9.0, 10.0]))
     assert torch.equal(b["states"][0, :, :39], torch.from_numpy(arrays["observations"][10:15]))
-    assert (b["states"][:, :, 39:] == 0).all() and (b["states"][1, :3] == 0).all()
+    assert (b["states"][:2, :, 39:] == 0).all() and (b["states"][1, :3] == 0).all()
     assert (b["action_bins"][1, :3] == 64).all() and (b["action_bins"][2, :, 1:] == 64).all()  # padding token
     assert valid[2].sum() == 5 and valid[0].sum() == 20 and valid[1].sum() == 8
     _, _, sampled_task = data.sample(64, pools)
@@ -1410,13 +1414,13 @@ def test_lockstep_evaluation_of_several_tasks_equals_one_task_at_a_time():
     with torch.no_grad():
         net.pool.q_b.normal_(0, 0.3)
     tasks = [dict(name=n, act_dim=4, reward_scale=200.0, target_return=1500.0) for n in ("reach-v3", "window-close-v3")]
-    tasks += [
-        dict(name="cartpole-balance", act_dim=1, reward_scale=100.0, target_return=1000.0),  # another horizon
-        dict(name="finger-turn_easy", act_dim=2, reward_scale=100.0, target_return=1000.0),
-    ]  # and action dims
-    together = evaluate.evaluate_tasks(net, tasks, 1, torch.device("cpu"))
+    dmc = dict(reward_scale=100.0, target_return=1000.0, random_return=20.0, data_return=520.0)
+    tasks += [dict(name="cartpole-balance", act_dim=1, **dmc), dict(name="finger-turn_easy", act_dim=2, **dmc)]
+    together = evaluate.evaluate_tasks(net, tasks, 1, torch.device("cpu"))  # two horizons, three action widths
     alone = [evaluate.evaluate_tasks(net, [task], 1, torch.device("cpu"))[0] for task in tasks]  # reused envs, too
     assert together == alone
+    for r in together[2:]:  # DMControl: the data-normalized score, (R - R_random) / (R_data - R_random)
+        assert r["success"] == r["success_any"] == pytest.approx((r["mean_return"] - 20.0) / 500.0)
 
 
 @pytest.mark.slow
