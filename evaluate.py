@@ -449,7 +449,13 @@ def compare_runs(run_dirs, reference_dir=""):
         name = label(run)
         by_method.setdefault(name, []).append(row)
         commands.append(f"- {name}, seed {run['args'].get('seed')}: `{run.get('command') or run_dir}`")
-        pretrained.add(os.path.join(os.path.dirname(os.path.normpath(run_dir)), "pretrain"))  # beside the run folders
+        backbone = os.path.normpath(run["setting"]["ckpt"])
+        beside = os.path.join(os.path.dirname(os.path.normpath(run_dir)), "pretrain")  # e.g. runs/pretrain
+        for directory in (beside, os.path.dirname(backbone)):  # the first whose retain10 evaluated this backbone
+            path = os.path.join(directory, "retain10", "results.json")
+            if os.path.exists(path) and os.path.normpath(read_json(path)["ckpt"]) == backbone:
+                pretrained.add(directory)
+                break
 
     def cell(rows, key, fmt="{:.2f}"):
         values = [r[key] for r in rows if r[key] is not None]
@@ -486,7 +492,7 @@ def compare_runs(run_dirs, reference_dir=""):
             pairs = [np.mean([r[k][i] for r in rows]) for rows in by_method.values() for k in ("end_of_task", "final")]
             cells = [f"{pairs[2 * m]:.2f} → {pairs[2 * m + 1]:.2f}" for m in range(len(by_method))]
             lines.append(f"| {task.removesuffix('-v3')} | " + " | ".join(cells) + " |")
-    for directory in sorted(pretrained):  # <folder>/pretrain/retain10, beside the runs (e.g. runs/pretrain)
+    for directory in sorted(pretrained):
         retained = retention(directory)
         if retained is not None:
             lines.append(

@@ -947,11 +947,13 @@ def test_compare_runs_averages_seeds_per_method(tmp_path):
         fake_run("l2m-dropout", "l2m", [[0.2, 0.0], [0.2, 0.2]], [[0.2, 0.0], [0.2, 0.2]], frozen_dropout=True),
     ]
     (tmp_path / "pretrain" / "retain10").mkdir(parents=True)  # the pre-trained model's retention, beside the runs
-    (tmp_path / "pretrain" / "retain10" / "results.json").write_text(
-        json.dumps(dict(results=[dict(success=0.1, success_any=0.3)]))
-    )
+    retain10 = dict(ckpt=str(tmp_path / "pretrain" / "ckpt.pt"), results=[dict(success=0.1, success_any=0.3)])
+    (tmp_path / "pretrain" / "retain10" / "results.json").write_text(json.dumps(retain10))
     table = evaluate.compare_runs(runs, reference_dir=runs[2])
     assert f"pre-trained model in {tmp_path / 'pretrain'}: 0.10 (last step), 0.30 (any step)" in table
+    retain10["ckpt"] = str(tmp_path / "another-backbone.pt")  # beside the runs, but not the model they started from
+    (tmp_path / "pretrain" / "retain10" / "results.json").write_text(json.dumps(retain10))
+    assert "pre-trained model in" not in evaluate.compare_runs(runs)
     assert "| success (last step) | paper | success (any step) | forgetting | gap to l2m (end of task) |" in table
     ft, l2m, dropout = [line for line in table.splitlines() if line.startswith("| ft ") or line.startswith("| l2m ")]
     # ft: last step 0.5 and 0.5, any step 0.6 and 0.7; forgetting 0.5 and 0.3; gap to the diagonal (0.6, 0.8): 0.3, 0.1;
