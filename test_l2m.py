@@ -114,6 +114,24 @@ def test_dmcontrol_observations_use_the_authors_204_column_layout():
     assert 203 in collect.make_env("walker-walk").columns  # the authors' example: walker's height, the last column
 
 
+def test_metaworld_env_equals_one_built_through_the_official_mt1_benchmark():
+    """Our shortcut (a directly built Task, a copied compiled model) steps exactly like metaworld's own MT1 path."""
+    name = "push-wall-v3"
+    benchmark = metaworld.MT1(name, seed=0)
+    official = benchmark.train_classes[name]()  # compiles its own XML
+    official.set_task(benchmark.train_tasks[0])
+    official._freeze_rand_vec, official.seeded_rand_vec, official.max_path_length = False, True, 200
+    ours = collect.make_env(name, seed=5).env
+    actions = np.random.default_rng(0).uniform(-1, 1, (30, 4))
+    for env in (official, ours):
+        env.seed(5)
+    for episode_seed in (11, 12):
+        official.seed(episode_seed), ours.seed(episode_seed)
+        np.testing.assert_array_equal(official.reset()[0], ours.reset()[0])
+        for action in actions:
+            np.testing.assert_array_equal(official.step(action)[0], ours.step(action)[0])
+
+
 def test_metaworld_draws_a_new_placement_each_episode():
     env = collect.make_env("reach-v3", seed=0)
     first = [env.reset(seed=s)[0] for s in range(3)]
