@@ -93,6 +93,8 @@ DMC10 = [
 # reacher-easy (their older list) so the 16 DMControl tasks are distinct, as the paper's dataset claims.
 DMC6 = ["ball_in_cup-catch", "cartpole-swingup", "cheetah-run", "finger-spin", "reacher-easy", "walker-walk"]
 DMC16 = DMC10 + DMC6
+# The DMControl counterpart of RETAIN10 (every 2nd of DMC10, our choice): retention of a multi-domain backbone.
+RETAIN_DMC5 = DMC10[::2]
 TASK_LISTS = {
     "cw10": CW10,
     "mt40": MT40,
@@ -101,6 +103,7 @@ TASK_LISTS = {
     "dmc6": DMC6,
     "dmc16": DMC16,
     "retain10": RETAIN10,
+    "retaindmc5": RETAIN_DMC5,
 }
 ALL_TASKS = MT50 + DMC16  # a task's index here seeds its collection, so a file never depends on its neighbours
 

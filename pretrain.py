@@ -315,6 +315,14 @@ def heldout_metrics(model, dataset, heldout_by_task, device, autocast, n_windows
     return out
 
 
+def domain_means(metrics):
+    """{task: (loss, accuracy)} -> {domain: mean (loss, accuracy)}: with both domains, each reported on its own."""
+    by_domain = {}
+    for name, value in metrics.items():
+        by_domain.setdefault("metaworld" if is_metaworld(name) else "dmcontrol", []).append(value)
+    return {domain: tuple(np.mean(values, axis=0).tolist()) for domain, values in by_domain.items()}
+
+
 def main(args):
     # --- setup: distributed (torchrun) or a single process, same code path -----------------------------------
     world_size = int(os.environ.get("WORLD_SIZE", 1))
@@ -496,8 +504,12 @@ def main(args):
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(dict(step=step, heldout=metrics)) + "\n")  # per task: [loss, accuracy]
             worst = sorted(metrics.items(), key=lambda kv: kv[1][1])[:3]
+            domains = domain_means(metrics)
+            split = (
+                "".join(f" | {d} {lo:.3f} / {ac:.3f}" for d, (lo, ac) in domains.items()) if len(domains) > 1 else ""
+            )
             tqdm.write(
-                f"step {step} | held-out loss {mean_loss:.3f} acc {mean_acc:.3f} | lowest acc: "
+                f"step {step} | held-out loss {mean_loss:.3f} acc {mean_acc:.3f}{split} | lowest acc: "
                 + ", ".join(f"{n} {a:.2f}" for n, (_, a) in worst)
             )
         if step % args.save_every == 0 or step == args.steps:
@@ -514,6 +526,9 @@ def main(args):
                 print(f"  {name:<28} {loss_value:.3f} / {acc:.3f}")
             losses, accuracies = zip(*metrics.values())
             print(f"mean {np.mean(losses):.3f} / {np.mean(accuracies):.3f}")
+            if len(domain_means(metrics)) > 1:
+                for domain, (loss_value, acc) in domain_means(metrics).items():
+                    print(f"mean {domain:<23} {loss_value:.3f} / {acc:.3f}")
         if timed_steps:
             print(
                 f"{timed_steps} steps in {seconds:.0f} s: {seconds / timed_steps * 1e3:.0f} ms/step, "

@@ -719,6 +719,13 @@ def write_fake_task(data_dir, name, episodes=4, length=20, obs_dim=39, act_dim=4
     return arrays
 
 
+def test_held_out_metrics_are_also_reported_per_domain():
+    metrics = {"reach-v3": (1.0, 0.5), "push-v3": (3.0, 0.7), "walker-walk": (2.0, 0.9)}
+    means = pretrain.domain_means(metrics)
+    assert means["metaworld"] == pytest.approx((2.0, 0.6)) and means["dmcontrol"] == pytest.approx((2.0, 0.9))
+    assert collect.resolve_tasks("retaindmc5") == collect.DMC10[::2]
+
+
 def test_dataset_windows_left_pad_returns_to_go_and_timesteps(tmp_path):
     arrays = write_fake_task(tmp_path, "reach-v3", episodes=3, length=10)
     write_fake_task(tmp_path, "cartpole-balance", episodes=3, length=10, obs_dim=204, act_dim=1)
