@@ -16,6 +16,8 @@ Data contract (`data/<task>.npz`, flat over transitions, episodes contiguous):
   successes    (N,)         bool      Meta-World only: info["success"] after the step
   random_return ()          float32   DMControl only: mean return of uniform-random actions (10 episodes), the
                                       zero of the data-normalized score (the paper's DMControl metric)
+  data_return ()            float32   optional, DMControl: the score's 1 (the authors' files: their data's mean
+                                      return); absent, pretrain.py takes the mean of the file's best 10% episodes
 
 Examples:
   python collect.py                                   # the 50 Meta-World tasks, scripted (~5 min on 2 cores)
@@ -355,14 +357,16 @@ class SAC(nn.Module):
 # contract. Their Meta-World files are pickled stable-baselines3 ReplayBuffers, recorded on Meta-World v2.
 
 
-# The authors' random-policy returns of the 16 DMControl tasks (ENVID_TO_DNS in src/envs/dmcontrol_dn_scores.py;
-# their data means, the score's 1, are recomputed from the files), the zero of the score for their data.
+# The authors' normalization constants of the 16 DMControl tasks, (random-policy return, their data's mean return)
+# (ENVID_TO_DNS in src/envs/dmcontrol_dn_scores.py): the 0 and 1 of the normalized score for their data.
 # fmt: off
-AUTHORS_RANDOM_RETURN = {
-    "cartpole-balance": 350.391, "finger-turn_easy": 57.8, "finger-turn_hard": 40.6, "fish-upright": 229.406,
-    "hopper-stand": 1.296, "pendulum-swingup": 0.0, "point_mass-easy": 1.341, "reacher-hard": 8.0,
-    "walker-stand": 134.701, "walker-run": 23.427, "ball_in_cup-catch": 0.0, "cartpole-swingup": 27.414,
-    "cheetah-run": 3.207, "finger-spin": 0.2, "reacher-easy": 33.0, "walker-walk": 30.193,
+AUTHORS_DMC_SCORES = {
+    "cartpole-balance": (350.391, 938.506), "finger-turn_easy": (57.8, 800.645), "finger-turn_hard": (40.6, 676.144),
+    "fish-upright": (229.406, 547.962), "hopper-stand": (1.296, 266.783), "pendulum-swingup": (0.0, 614.491),
+    "point_mass-easy": (1.341, 779.273), "reacher-hard": (8.0, 779.947), "walker-stand": (134.701, 816.322),
+    "walker-run": (23.427, 344.794), "ball_in_cup-catch": (0.0, 926.719), "cartpole-swingup": (27.414, 766.15),
+    "cheetah-run": (3.207, 324.045), "finger-spin": (0.2, 834.629), "reacher-easy": (33.0, 849.241),
+    "walker-walk": (30.193, 773.174),
 }
 # fmt: on
 
@@ -453,7 +457,7 @@ def read_authors_file(path, name):
         dones=raw["dones"].reshape(n)[:cut].astype(bool),
     )
     if not is_metaworld(name):
-        arrays["random_return"] = np.float32(AUTHORS_RANDOM_RETURN[name])
+        arrays["random_return"], arrays["data_return"] = map(np.float32, AUTHORS_DMC_SCORES[name])
     found, expected = (arrays["observations"].shape[1], arrays["actions"].shape[1]), env_dims(name)
     if found != expected:
         layout = "" if is_metaworld(name) else " (DMControl: the 204-column _full files)"

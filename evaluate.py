@@ -208,8 +208,9 @@ def rollout(model, tasks, episodes, device, task_ids=None):
         mine = env_task == j
         success = float(success_last[mine].mean()), float(success_any[mine].mean())
         if not is_metaworld(task["name"]):  # no success signal: the paper's DMControl metric in both places
-            score = (total_return[mine] - task["random_return"]) / (task["data_return"] - task["random_return"])
-            success = float(score.mean()), float(score.mean())
+            span = task["data_return"] - task["random_return"]  # data no better than random: no scale, NaN
+            score = (total_return[mine].mean() - task["random_return"]) / span if span > 0 else float("nan")
+            success = float(score), float(score)
         results.append(
             dict(
                 task=task["name"],

@@ -324,7 +324,7 @@ def test_authors_dmcontrol_npz_converts_to_the_contract(tmp_path, shape_prefix):
     np.testing.assert_array_equal(data["observations"], raw["observations"].reshape(-1, 204)[:60])
     np.testing.assert_array_equal(data["rewards"], raw["rewards"].reshape(-1)[:60])
     assert data["observations"].shape[1] == collect.env_dims("cartpole-balance")[0] == 204
-    assert data["random_return"] == np.float32(350.391)  # the authors' random score for their data
+    assert (data["random_return"], data["data_return"]) == tuple(map(np.float32, (350.391, 938.506)))  # theirs
 
 
 def test_authors_metaworld_replay_buffer_converts_without_running_its_code(tmp_path):
@@ -731,6 +731,7 @@ def test_dataset_windows_left_pad_returns_to_go_and_timesteps(tmp_path):
     write_fake_task(tmp_path, "cartpole-balance", episodes=3, length=10, obs_dim=204, act_dim=1)
     tasks, data, pools, heldout = pretrain.load_data(["reach-v3", "cartpole-balance"], str(tmp_path), 1, 5, 6, 64, 0)
     assert tasks[0]["target_return"] == 55.0 and tasks[1]["act_dim"] == 1 and len(pools) == 2
+    assert (tasks[1]["random_return"], tasks[1]["data_return"]) == (1.0, 55.0)  # the score's 0 and 1 (best 10%)
     b, valid, task = data.windows(np.array([1, 1, 4]), np.array([0, 8, 3]))  # episode 1 of reach; of cartpole
     assert task.tolist() == [0, 0, 1]
     assert b["step_mask"][0].all() and b["step_mask"][1].tolist() == [False, False, False, True, True]
