@@ -351,7 +351,13 @@ def sequence_report(ckpt):
         f"forgetting {metrics['forgetting']:.2f} (any step {metrics['forgetting_any']:.2f}) | "
         f"trainable parameters {ckpt['trainable_params']:,}",
         "",
-        f"## {metric[0].upper() + metric[1:]} (row: after learning that task; column: evaluated task)",
+        f"## {metric[0].upper() + metric[1:]} (row: after "
+        + (
+            "each 1/N of the training on all tasks (multitask); forgetting means nothing here"
+            if ckpt["method"] == "multitask"
+            else "learning that task"
+        )
+        + "; column: evaluated task)",
         "",
         success_matrix_table(names, S),
         "",
@@ -379,9 +385,10 @@ def read_json(path):
         raise ValueError(f"{path}: not a readable JSON file ({e})") from None
 
 
-def retention(directory):
-    """Mean success (last step, any step) of `evaluate.py --tasks retain10 --out <directory>/retain10`, or None."""
-    path = os.path.join(directory, "retain10", "results.json")
+def retention(directory, subset="retain10"):
+    """Mean success (last step, any step) of `evaluate.py --tasks <subset> --out <directory>/<subset>`, or None.
+    subset: retain10 (Meta-World) or retaindmc5 (DMControl, where both are the normalized score)."""
+    path = os.path.join(directory, subset, "results.json")
     if not os.path.exists(path):
         return None
     results = read_json(path)["results"]
@@ -405,6 +412,7 @@ def load_run(run_dir):
 # The paper's CW10 average success at the last step (40M model, 100k steps per task): Schmied et al. 2023, as
 # rendered in PSEC's Table 7 (Liu et al. 2025, arXiv 2502.05932); the metric is the authors' eval callback
 # (src/callbacks/custom_eval_callback.py in ml-jku/L2M), which reads info["success"] when the episode ends.
+RETENTION_SUBSETS = ("retain10", "retaindmc5")  # evaluate.py --tasks <subset> --out <run>/<subset>: read by --compare
 PAPER_CW10_SUCCESS = {"l2m": 0.65, "l2m-oracle": 0.77, "ewc": 0.17, "l2": 0.10}
 
 
@@ -434,13 +442,17 @@ def compare_runs(run_dirs, reference_dir=""):
     for run_dir, run in runs:
         metrics = continual_metrics(run["success"], reference)
         retained = retention(run_dir) or (None, None)
+        retained_dmc = retention(run_dir, "retaindmc5") or (None, None)
         row = dict(
             average=metrics["average"],
             average_any=continual_metrics(run["success_any"])["average"],
-            forgetting=metrics["forgetting"],
+            forgetting=None
+            if run["method"] == "multitask"
+            else metrics["forgetting"],  # its rows are stages, not tasks
             gap=metrics.get("gap_to_reference"),
             retention=retained[0],
             retention_any=retained[1],
+            retention_dmc=retained_dmc[0],
             params=run["trainable_params"],
             minutes=sum(s["train_seconds"] + s["eval_seconds"] for s in run["stages"]) / 60,
             paper=PAPER_CW10_SUCCESS.get(run["method"]) if run["setting"].get("tasks") == "cw10" else None,
@@ -452,9 +464,9 @@ def compare_runs(run_dirs, reference_dir=""):
         commands.append(f"- {name}, seed {run['args'].get('seed')}: `{run.get('command') or run_dir}`")
         backbone = os.path.normpath(run["setting"]["ckpt"])
         beside = os.path.join(os.path.dirname(os.path.normpath(run_dir)), "pretrain")  # e.g. runs/pretrain
-        for directory in (beside, os.path.dirname(backbone)):  # the first whose retain10 evaluated this backbone
-            path = os.path.join(directory, "retain10", "results.json")
-            if os.path.exists(path) and os.path.normpath(read_json(path)["ckpt"]) == backbone:
+        for directory in (beside, os.path.dirname(backbone)):  # the first whose retention evaluated this backbone
+            paths = [os.path.join(directory, subset, "results.json") for subset in RETENTION_SUBSETS]
+            if any(os.path.exists(p) and os.path.normpath(read_json(p)["ckpt"]) == backbone for p in paths):
                 pretrained.add(directory)
                 break
 
@@ -466,21 +478,25 @@ def compare_runs(run_dirs, reference_dir=""):
         text = text.lstrip("-") if float(text) == 0 else text  # -0.004 reads "0.00", not "-0.00"
         return text + (f" ± {fmt.format(np.std(values))}" if len(values) > 1 else "")
 
+    dmc_only = metric_name([t for _, run in runs for t in run["tasks"]]) == "normalized score"
+    with_dmc_retention = any(r["retention_dmc"] is not None for rows in by_method.values() for r in rows)
     columns = (
-        ["success (last step)", "paper", "success (any step)", "forgetting"]
+        (["normalized score", "paper"] if dmc_only else ["success (last step)", "paper", "success (any step)"])
+        + ["forgetting"]
         + ([f"gap to {ref_run['method']} (end of task)"] if reference is not None else [])
-        + ["retention (last step)", "retention (any step)", "trainable params", "wall time (min)"]
+        + ["retention (last step)", "retention (any step)"]
+        + (["retention DMC (score)"] if with_dmc_retention else [])
+        + ["trainable params", "wall time (min)"]
     )
     lines = ["| method | runs | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
     for method, rows in by_method.items():
-        cells = [cell(rows, "average"), cell(rows[:1], "paper"), cell(rows, "average_any"), cell(rows, "forgetting")]
+        cells = [cell(rows, "average"), cell(rows[:1], "paper")]
+        cells += [] if dmc_only else [cell(rows, "average_any")]
+        cells += [cell(rows, "forgetting")]
         cells += [cell(rows, "gap")] if reference is not None else []
-        cells += [
-            cell(rows, "retention"),
-            cell(rows, "retention_any"),
-            f"{rows[0]['params']:,}",
-            cell(rows, "minutes", "{:.0f}"),
-        ]
+        cells += [cell(rows, "retention"), cell(rows, "retention_any")]
+        cells += [cell(rows, "retention_dmc")] if with_dmc_retention else []
+        cells += [f"{rows[0]['params']:,}", cell(rows, "minutes", "{:.0f}")]
         lines.append(f"| {method} | {len(rows)} | " + " | ".join(cells) + " |")
     if len({tuple(run["tasks"]) for _, run in runs}) == 1:  # one sequence: where each method gains and loses
         lines += [
@@ -494,12 +510,13 @@ def compare_runs(run_dirs, reference_dir=""):
             cells = [f"{pairs[2 * m]:.2f} → {pairs[2 * m + 1]:.2f}" for m in range(len(by_method))]
             lines.append(f"| {task.removesuffix('-v3')} | " + " | ".join(cells) + " |")
     for directory in sorted(pretrained):
-        retained = retention(directory)
-        if retained is not None:
-            lines.append(
-                f"\nRetention (retain10) of the pre-trained model in {directory}: "
-                f"{retained[0]:.2f} (last step), {retained[1]:.2f} (any step)"
-            )
+        for subset in RETENTION_SUBSETS:
+            retained = retention(directory, subset)
+            if retained is not None:
+                lines.append(
+                    f"\nRetention ({subset}) of the pre-trained model in {directory}: {retained[0]:.2f} "
+                    + ("(normalized score)" if subset == "retaindmc5" else f"(last step), {retained[1]:.2f} (any step)")
+                )
     return "\n".join(lines + ["", "Commands:", *commands]) + "\n"
 
 

@@ -10,8 +10,14 @@ Methods (--method):
   l2, ewc     full fine-tuning + lambda * sum_i F_i (theta_i - theta*_i)^2 toward the weights after the previous
               task (F = 1 for L2; for EWC a diagonal Fisher from the previous task's data, summed over tasks)
   lora        one shared set of low-rank modulators (a pool of one entry, no matching), backbone frozen
-  l2m         L2M: a pool of key-matched modulators, backbone and action head frozen
+  ia3         one shared set of (IA)3 vectors scaling keys, values and the MLP's hidden activations, backbone frozen
+  adapter     one shared set of bottleneck adapters, two per layer (Houlsby et al. 2019), backbone frozen
+  l2m         L2M: a pool of key-matched low-rank modulators, backbone and action head frozen
+  l2m-ia3     L2M with (IA)3 vectors as the pool's entries (the authors' l2m_ia3.yaml)
   l2m-oracle  L2M with the pool split into one group per task, masked by the task id
+  er          full fine-tuning with experience replay: a share of every batch from a few kept episodes of each
+              earlier task
+  multitask   full fine-tuning on all tasks of the sequence at once (no forgetting by construction: the reference)
 
 Examples:
   python finetune.py                                  # L2M on CW10 with CPU defaults
@@ -37,8 +43,9 @@ from pretrain import load_data
 
 CURVE_EVERY = 50  # training steps averaged into one point of training_curves.png
 LOG_EVERY = 500  # steps between the plain log lines written when stderr is not a terminal
-METHODS = ("ft", "l2", "ewc", "lora", "l2m", "l2m-oracle")
-FROZEN_BACKBONE = ("lora", "l2m", "l2m-oracle")
+METHODS = ("ft", "l2", "ewc", "er", "multitask", "lora", "ia3", "adapter", "l2m", "l2m-ia3", "l2m-oracle")
+FROZEN_BACKBONE = ("lora", "ia3", "adapter", "l2m", "l2m-ia3", "l2m-oracle")
+KEY_MATCHED = ("l2m", "l2m-ia3", "l2m-oracle")  # a pool of entries chosen by their keys, trained with the key pull
 
 
 @dataclass
@@ -68,22 +75,30 @@ class Args:
     eval_episodes: int = 10
     """episodes per task at each evaluation (authors: 5)"""
     pool_size: int = 30
-    """l2m: pool entries (l2m_lora.yaml)"""
+    """l2m, l2m-ia3, l2m-oracle: pool entries (l2m_lora.yaml, l2m_ia3.yaml)"""
     rank: int = 8
     """rank of the low-rank modulators (l2m_lora.yaml)"""
     alpha: float = 16.0
     """modulator scaling numerator: scale = alpha / rank (authors: 2 * rank)"""
     pull_coef: float = 0.5
-    """l2m: weight of the key-pull term (pull_constraint_coef)"""
+    """l2m, l2m-ia3, l2m-oracle: weight of the key-pull term (pull_constraint_coef)"""
+    adapter_reduction: int = 16
+    """adapter: bottleneck width = n_embd / this (the authors' reduction_factor)"""
     reg_lambda: float = 400.0
     """l2/ewc: penalty weight (authors' default)"""
     fisher_batches: int = 10
     """ewc: batches for the diagonal Fisher estimate (authors)"""
+    replay_episodes: int = 10
+    """er: episodes kept of each finished task (our choice: a tenth of a 100-episode task)"""
+    replay_share: float = 0.5
+    """er: share of each batch drawn from the kept episodes of earlier tasks (our choice)"""
     frozen_dropout: bool = False
-    """lora/l2m: keep dropout on in the frozen backbone (the authors' set_frozen_eval=False); off by default, see
-    README deviation 15"""
+    """frozen-backbone methods: keep dropout on in the backbone (the authors' set_frozen_eval=False); off by
+    default, see README deviation 15"""
     run_dir: str = ""
-    """output directory; empty = runs/<method>-<tasks>-s<seed>"""
+    """output directory; empty = <runs-root>/<method>-<tasks>-s<seed>"""
+    runs_root: str = "runs"
+    """parent folder of the default --run-dir (e.g. runs/md for runs of another backbone)"""
     device: str = "auto"
     """auto (cuda, else mps, else cpu), cpu, cuda or mps"""
     resume: bool = False
@@ -146,9 +161,9 @@ def command_line(args):
     """The command that reproduces a run: `python finetune.py` and the flags that differ from the defaults."""
     flags = []
     for name, value in asdict(args).items():
-        if name in RUN_CONTROL - {"run_dir"} or value == Args.__dataclass_fields__[name].default:
+        if name in RUN_CONTROL - {"run_dir", "runs_root"} or value == Args.__dataclass_fields__[name].default:
             continue
-        if name == "run_dir" and value == default_run_dir(args.method, args.tasks, args.seed):
+        if name == "run_dir" and value == default_run_dir(args):
             continue
         flag = "--" + name.replace("_", "-")
         flags.append(flag if value is True else "--no-" + flag[2:] if value is False else f"{flag} {value}")
@@ -163,8 +178,10 @@ def set_training(model, frozen_eval):
         model.pool.train()  # the count penalty and the selection counts are training-time behaviour
 
 
-def default_run_dir(method, tasks, seed):
-    return os.path.join("runs", f"{method}-{tasks.replace(',', '+')}-s{seed}")
+def default_run_dir(args, method=None, seed=None):
+    """<runs-root>/<method>-<tasks>-s<seed>, for args' method and seed unless others are given."""
+    method, seed = method or args.method, args.seed if seed is None else seed
+    return os.path.join(args.runs_root, f"{method}-{args.tasks.replace(',', '+')}-s{seed}")
 
 
 def launch(args):
@@ -180,7 +197,7 @@ def launch(args):
     runs = []
     for method in methods:
         for seed in seeds:
-            run_dir = default_run_dir(method, args.tasks, seed)
+            run_dir = default_run_dir(args, method, seed)
             os.makedirs(run_dir, exist_ok=True)
             argv = (
                 [
@@ -220,19 +237,25 @@ def launch(args):
 
 
 def attach_method(model, args, n_tasks, device):
-    """Freeze the backbone and attach a pool for the modulation methods. -> the pool's settings, or None."""
+    """Freeze the backbone and attach what the modulation methods train. -> (pool settings, adapter settings),
+    each None where the method has none."""
     if args.method not in FROZEN_BACKBONE:
-        return None
-    for p in model.parameters():  # L2M, lora: every pre-trained weight frozen, the action head included
+        return None, None
+    for p in model.parameters():  # every pre-trained weight frozen, the action head included (the authors' freeze)
         p.requires_grad_(False)
+    if args.method == "adapter":
+        adapter_args = dict(reduction=args.adapter_reduction)
+        model.attach_adapters(**adapter_args)
+        return None, adapter_args
     pool_args = dict(
-        pool_size=1 if args.method == "lora" else args.pool_size,
+        pool_size=args.pool_size if args.method in KEY_MATCHED else 1,
         rank=args.rank,
         alpha=args.alpha,
         n_groups=n_tasks if args.method == "l2m-oracle" else 0,
+        kind="ia3" if args.method in ("ia3", "l2m-ia3") else "lora",
     )
     model.pool = ModulationPool(model.cfg.n_layer, model.cfg.n_embd, **pool_args).to(device)
-    return pool_args
+    return pool_args, None
 
 
 def load_inputs(args, run_dir):
@@ -248,6 +271,8 @@ def load_inputs(args, run_dir):
     names = resolve_tasks(args.tasks)
     check_output(run_dir, "--run-dir", is_dir=True)
     use_bf16(args.precision, resolve_device(args.device))
+    if args.replay_episodes < 1 or not 0.0 <= args.replay_share < 1.0:
+        raise ValueError("--replay-episodes must be at least 1 and --replay-share in [0, 1)")
     if args.method == "l2m-oracle" and args.pool_size < len(names):
         raise ValueError(
             f"l2m-oracle splits the pool into one group per task: --pool-size {args.pool_size} < {len(names)} tasks"
@@ -280,15 +305,15 @@ def load_inputs(args, run_dir):
     return pretrained, resumed, data
 
 
-def train_step(model, optimizer, dataset, pools, args, task_ids, anchor, importance, autocast, device):
+def train_step(model, optimizer, sample, args, task_ids, anchor, importance, autocast):
     """One gradient step on the method's objective: the action loss, minus L2M's key pull, plus L2/EWC's penalty.
-    -> (action loss, accuracy, routing)."""
-    inputs, valid, _ = dataset.sample(args.batch_size, pools, device)
+    sample() -> a batch. -> (action loss, accuracy, routing)."""
+    inputs, valid, _ = sample()
     with autocast:
         logits, routing = model(**inputs, task_ids=task_ids)
     loss, accuracy = action_loss(logits, inputs["action_bins"], valid)
     objective = loss
-    if args.method in ("l2m", "l2m-oracle"):
+    if args.method in KEY_MATCHED:
         objective = objective - args.pull_coef * routing["pull"]  # L2M: pull chosen keys toward queries
     if anchor is not None:
         objective = objective + args.reg_lambda * quadratic_penalty(model, anchor, importance)
@@ -297,6 +322,46 @@ def train_step(model, optimizer, dataset, pools, args, task_ids, anchor, importa
     torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.grad_clip)
     optimizer.step()
     return loss, accuracy, routing
+
+
+def sample_tasks(data, task_weights, batch_size, rng, device):
+    """A batch whose windows come from several tasks: from task j about batch_size * task_weights[j] of them
+    (a multinomial draw), each from that task's episode pools. data: the run's (task, dataset, pools) per task."""
+    counts = rng.multinomial(batch_size, task_weights)
+    parts = [data[j][1].sample(n, data[j][2], device, rng) for j, n in enumerate(counts) if n > 0]
+    inputs = {k: torch.cat([p[0][k] for p in parts]) for k in parts[0][0]}
+    return inputs, torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts])
+
+
+def batch_source(data, task_index, args, device):
+    """What a step of this task trains on. -> sample(), a batch of args.batch_size windows:
+    multitask: every task of the sequence, equally; er: the task's own data, plus args.replay_share of the batch
+    from args.replay_episodes kept episodes of each earlier task, equally; the others: the task's own data."""
+    _, dataset, pools = data[task_index]
+    rng = np.random.default_rng([args.seed, task_index])  # the task's own draws, so a resumed run draws the same
+    if args.method == "multitask":
+        weights = np.full(len(data), 1.0 / len(data))
+        return functools.partial(sample_tasks, data, weights, args.batch_size, rng, device)
+    if args.method != "er" or task_index == 0:
+        return functools.partial(dataset.sample, args.batch_size, pools, device)
+    kept = []  # ER's buffer: the same few episodes of each earlier task, whichever task is being learned
+    for j, (task, earlier, earlier_pools) in enumerate(data[:task_index]):
+        episodes = np.concatenate(earlier_pools)
+        chosen = np.random.default_rng([args.seed, j, 1]).permutation(episodes)[: args.replay_episodes]
+        kept.append((task, earlier, [np.sort(chosen)]))
+    n_replay = round(args.batch_size * args.replay_share)
+    weights = np.full(task_index, 1.0 / task_index)
+
+    def sample():
+        own = dataset.sample(args.batch_size - n_replay, pools, device, rng)
+        if n_replay == 0:
+            return own
+        replay = sample_tasks(kept, weights, n_replay, rng, device)
+        return {k: torch.cat([own[0][k], replay[0][k]]) for k in own[0]}, *(
+            torch.cat(p) for p in zip(own[1:], replay[1:])
+        )
+
+    return sample
 
 
 def train_task(step_fn, steps, name, pool_size):
@@ -331,7 +396,7 @@ def main(args):
         return launch(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    run_dir = args.run_dir or default_run_dir(args.method, args.tasks, args.seed)
+    run_dir = args.run_dir or default_run_dir(args)
     out = os.path.join(run_dir, "ckpt.pt")
     try:
         pretrained, resumed, data = load_inputs(args, run_dir)
@@ -348,8 +413,9 @@ def main(args):
         model = build_model(pretrained, device)
     except ValueError as e:
         sys.exit(f"finetune.py: error: {args.ckpt}: {e}")
-    pool_args = attach_method(model, args, n_tasks, device)
-    frozen_eval = args.method in FROZEN_BACKBONE and not args.frozen_dropout
+    pool_args, adapter_args = attach_method(model, args, n_tasks, device)
+    frozen = args.method in FROZEN_BACKBONE  # a checkpoint then holds only what was trained
+    frozen_eval = frozen and not args.frozen_dropout
     set_training(model, frozen_eval)
     anchor = importance = None  # l2/ewc: weights after the previous task, and their (summed) Fisher
     success, success_any, stages, first_task = [], [], [], 0
@@ -383,12 +449,13 @@ def main(args):
         # moving on their momentum while the next task trains (zero gradient, non-zero update); fresh moments leave
         # every entry the new task does not select bit-identical. The authors keep one optimizer for the sequence.
         optimizer = model.configure_optimizer(args.lr, args.weight_decay)
-        step_fn = functools.partial(
-            train_step, model, optimizer, dataset, pools, args, task_ids, anchor, importance, autocast, device
-        )
+        sample = batch_source(data, task_index, args, device)
+        step_fn = functools.partial(train_step, model, optimizer, sample, args, task_ids, anchor, importance, autocast)
         if args.bench:
             return bench(model, sequence, step_fn, args, device, oracle)
         name = f"task {task_index + 1}/{n_tasks} {task['name']}"
+        if args.method == "multitask":
+            name = f"stage {task_index + 1}/{n_tasks}, all tasks"
         losses, train_seconds = train_task(step_fn, args.steps_per_task, name, model.pool.size if model.pool else 0)
         if args.method in ("l2", "ewc"):  # the next tasks are pulled toward the weights after this one
             anchor, importance = consolidate(model, args, dataset, pools, device, autocast, importance)
@@ -419,10 +486,11 @@ def main(args):
         save_atomic(dict(
             kind="finetune", method=args.method, args=asdict(args), command=command_line(args), tasks=sequence,
             setting={k: v for k, v in asdict(args).items() if k not in RUN_CONTROL | {"seed"}},  # seeds share one
-            model_args=pretrained["model_args"], pool_args=pool_args, trainable_params=trainable,
+            model_args=pretrained["model_args"], pool_args=pool_args, adapter_args=adapter_args,
+            trainable_params=trainable,
             pretrained=dict(path=os.path.abspath(args.ckpt), relpath=os.path.relpath(args.ckpt, run_dir),
                             step=pretrained["step"], sha256=backbone_hash),
-            model={n: v for n, v in state.items() if n.startswith("pool.")} if pool_args else state,
+            model={n: v for n, v in state.items() if n.startswith(("pool.", "adapters."))} if frozen else state,
             success=success, success_any=success_any, stages=stages, anchor=anchor, importance=importance,
             rng=torch.get_rng_state(), cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
         ), out)  # fmt: skip

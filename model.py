@@ -55,28 +55,40 @@ class ActionTokenizer:
         return (bins.float() + 0.5) * (2.0 / self.n_bins) - 1.0
 
 
+POOL_KINDS = ("lora", "ia3")  # what a pool entry holds: low-rank residuals (L2M) or scaling vectors (L2M-(IA)3)
+
+
 class ModulationPool(nn.Module):
-    """L2M's pool: P entries, each a key in R^C and, for every layer, low-rank modulators of Q, V and the MLP.
+    """L2M's pool: P entries, each a key in R^C and, for every layer, modulators of the attention and the MLP:
+    kind "lora", low-rank residuals on Q, V and the MLP's hidden pre-activations (L2M); kind "ia3", vectors that
+    scale K, V and the MLP's hidden activations ((IA)3, Liu et al. 2022; the authors' L2M-(IA)3).
 
     Selection (Schmied et al. 2023, Sec. 3; the authors' L2PPrompt): query = masked mean of the embedded state
     tokens; cosine similarity to every key; top-1 per sample. Training from the second task on, the score becomes
     ((cos + 1) / 2) * inv, inv = normalized 1 / (selection frequency so far + 1e-6), refreshed at each task
-    switch, so a new task takes entries no earlier task used. A pool of one entry is plain LoRA.
+    switch, so a new task takes entries no earlier task used. A pool of one entry is one shared set (LoRA, (IA)3).
     """
 
-    def __init__(self, n_layer, n_embd, pool_size=30, rank=8, alpha=16.0, n_groups=0):
+    def __init__(self, n_layer, n_embd, pool_size=30, rank=8, alpha=16.0, n_groups=0, kind="lora"):
         super().__init__()
+        if kind not in POOL_KINDS:
+            raise ValueError(f"unknown modulator kind {kind!r}: use one of {', '.join(POOL_KINDS)}")
         P, L, C, r = pool_size, n_layer, n_embd, rank
+        self.kind, self.n_layer = kind, L
         self.scale = alpha / rank  # l2m_lora.yaml: rank 8, lora_alpha = 2 * rank
         self.n_groups = n_groups  # > 0: the oracle, entries split into n_groups contiguous groups masked by task id
         self.keys = nn.Parameter(torch.empty(P, C).uniform_(-1.0, 1.0))  # init_keys: uniform
-        # A: per-matrix kaiming-uniform like loralib (bound 1/sqrt(fan_in)); B: zero, so a fresh entry changes nothing
-        self.q_a = nn.Parameter(torch.empty(P, L, C, r).uniform_(-1.0, 1.0) / math.sqrt(C))
-        self.v_a = nn.Parameter(torch.empty(P, L, C, r).uniform_(-1.0, 1.0) / math.sqrt(C))
-        self.mlp_a = nn.Parameter(torch.empty(P, L, 4 * C, r).uniform_(-1.0, 1.0) / math.sqrt(4 * C))
-        self.q_b = nn.Parameter(torch.zeros(P, L, r, C))
-        self.v_b = nn.Parameter(torch.zeros(P, L, r, C))
-        self.mlp_b = nn.Parameter(torch.zeros(P, L, r, 4 * C))
+        if kind == "ia3":  # L2MIA3._setup_prompt: ones, so a fresh entry changes nothing
+            self.k_scale = nn.Parameter(torch.ones(P, L, C))
+            self.v_scale = nn.Parameter(torch.ones(P, L, C))
+            self.mlp_scale = nn.Parameter(torch.ones(P, L, 4 * C))
+        else:  # A: per-matrix kaiming-uniform like loralib (bound 1/sqrt(fan_in)); B: zero, a fresh entry does nothing
+            self.q_a = nn.Parameter(torch.empty(P, L, C, r).uniform_(-1.0, 1.0) / math.sqrt(C))
+            self.v_a = nn.Parameter(torch.empty(P, L, C, r).uniform_(-1.0, 1.0) / math.sqrt(C))
+            self.mlp_a = nn.Parameter(torch.empty(P, L, 4 * C, r).uniform_(-1.0, 1.0) / math.sqrt(4 * C))
+            self.q_b = nn.Parameter(torch.zeros(P, L, r, C))
+            self.v_b = nn.Parameter(torch.zeros(P, L, r, C))
+            self.mlp_b = nn.Parameter(torch.zeros(P, L, r, 4 * C))
         self.register_buffer("counts", torch.zeros(P))  # running mean of the per-batch selection histogram
         self.register_buffer("n_batches", torch.zeros((), dtype=torch.long))
         self.register_buffer("inv_counts", torch.full((P,), 1.0 / P))
@@ -110,7 +122,8 @@ class ModulationPool(nn.Module):
         return index, sim
 
     def gather(self, index):
-        """Each sample's modulators, per layer: a list of L dicts q_a, q_b, v_a, v_b, mlp_a, mlp_b, select, scale.
+        """Each sample's modulators, per layer: a list of L dicts; for "ia3" k_scale, v_scale (B, 1, C) and
+        mlp_scale (B, 1, 4C); for "lora" q_a, q_b, v_a, v_b, mlp_a, mlp_b, select, scale, as follows.
 
         A training batch uses a few entries (U, often 1). Applying those U entries to the whole batch, one matmul each,
         and zeroing the columns of other samples' entries (select (B, U*r)) is exact and much cheaper on a CPU than B
@@ -118,8 +131,18 @@ class ModulationPool(nn.Module):
         (measured: README, Performance), even when many entries are in use, as in the first steps of the first task.
         Acting on many tasks at once without gradients, the dense form would waste U times the work, so there each
         sample gets its own matrices (B, in, r) / (B, r, out) and select is None."""
+        L = self.n_layer
+        if self.kind == "ia3":  # vectors: a per-sample gather is as cheap as it gets
+            return [
+                dict(
+                    k_scale=self.k_scale[index, layer, None],
+                    v_scale=self.v_scale[index, layer, None],
+                    mlp_scale=self.mlp_scale[index, layer, None],
+                )
+                for layer in range(L)
+            ]
         used, slot = torch.unique(index, return_inverse=True)  # (U,), (B,): the entries in use, each sample's slot
-        L, r = self.q_a.shape[1], self.q_a.shape[-1]
+        r = self.q_a.shape[-1]
         if len(used) > DENSE_ENTRIES and not torch.is_grad_enabled():
             return [
                 dict(
@@ -189,9 +212,11 @@ class CausalSelfAttention(nn.Module):
         cache: None, or a dict holding the keys/values of earlier positions, extended in place (acting)."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=-1)  # (B, T, C) each
-        if mod is not None:  # L2M: low-rank modulation of the query and value projections
+        if mod is not None and "q_a" in mod:  # L2M: low-rank modulation of the query and value projections
             q = q + low_rank(x, mod["q_a"], mod["q_b"], mod["select"], mod["scale"])
             v = v + low_rank(x, mod["v_a"], mod["v_b"], mod["select"], mod["scale"])
+        if mod is not None and "k_scale" in mod:  # (IA)3: keys and values rescaled (AttentionIA3.forward)
+            k, v = k * mod["k_scale"], v * mod["v_scale"]
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T, C/H)
         if cache is not None:
             if "k" in cache:
@@ -216,9 +241,30 @@ class MLP(nn.Module):
 
     def forward(self, x, mod=None):
         u = self.fc(x)  # (B, T, 4C)
-        if mod is not None:  # L2M: low-rank residual on the hidden pre-activations, u + s (u A) B (MLPIA3.forward)
+        if mod is not None and "mlp_a" in mod:  # L2M: low-rank residual on the pre-activations, u + s (u A) B (MLPIA3)
             u = u + low_rank(u, mod["mlp_a"], mod["mlp_b"], mod["select"], mod["scale"])
-        return dropout(self.proj(F.gelu(u)), self.dropout, self.training)
+        h = F.gelu(u)
+        if mod is not None and "mlp_scale" in mod:  # (IA)3: the hidden activations rescaled, after the GELU (MLPIA3)
+            h = h * mod["mlp_scale"]
+        return dropout(self.proj(h), self.dropout, self.training)
+
+
+class Adapter(nn.Module):
+    """A bottleneck adapter (Houlsby et al. 2019; the authors' adapter.py: reduction 16, swish), applied to a
+    sublayer's output before the residual add: y + up(swish(down(y))). The up-projection starts at zero, so a fresh
+    adapter changes nothing (the authors' default draws it from N(0, 0.02); their mam_adapter option zeroes it)."""
+
+    def __init__(self, n_embd, reduction=16):
+        super().__init__()
+        self.down = nn.Linear(n_embd, max(1, n_embd // reduction))
+        self.up = nn.Linear(max(1, n_embd // reduction), n_embd)
+        nn.init.normal_(self.down.weight, std=0.02)
+        nn.init.zeros_(self.down.bias)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, y):
+        return y + self.up(F.silu(self.down(y)))  # swish = SiLU
 
 
 class Block(nn.Module):
@@ -232,8 +278,14 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x, attn_mask, mod=None, cache=None):
-        x = x + self.attn(self.ln_1(x), attn_mask, mod, cache)
-        return x + self.mlp(self.ln_2(x), mod)
+        a = self.attn(self.ln_1(x), attn_mask, mod, cache)
+        if mod is not None and "attn_adapter" in mod:  # adapters: one after attention, one after the MLP
+            a = mod["attn_adapter"](a)
+        x = x + a
+        m = self.mlp(self.ln_2(x), mod)
+        if mod is not None and "mlp_adapter" in mod:
+            m = mod["mlp_adapter"](m)
+        return x + m
 
 
 class DecisionTransformer(nn.Module):
@@ -252,7 +304,8 @@ class DecisionTransformer(nn.Module):
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
         self.ln_f = nn.LayerNorm(C)
         self.action_head = nn.Linear(C, cfg.n_bins)  # one head for every action dim
-        self.pool = None  # a ModulationPool, attached by fine-tuning (L2M, LoRA)
+        self.pool = None  # a ModulationPool, attached by fine-tuning (L2M, LoRA, (IA)3)
+        self.adapters = None  # per layer a pair of Adapters (attention, MLP), attached by fine-tuning (adapter)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: residual projections scaled by 1/sqrt(2L)
             if name.endswith("proj.weight"):
@@ -317,12 +370,27 @@ class DecisionTransformer(nn.Module):
         return logits, routing
 
     def modulators(self, tokens, step_mask, task_ids=None):
-        """Route each sample to a pool entry; -> (per-layer modulators or None, routing dict or None)."""
-        if self.pool is None:
-            return None, None
-        index, sim = self.pool.select(self.query(tokens, step_mask), task_ids)  # (B,), (B, P)
-        pull = sim.gather(1, index[:, None]).mean()  # L2M: pulls chosen keys toward their queries
-        return self.pool.gather(index), dict(index=index, sim=sim, pull=pull)
+        """Route each sample to a pool entry and add the adapters; -> (per-layer dicts of modulators or None,
+        routing dict or None)."""
+        mods = routing = None
+        if self.pool is not None:
+            index, sim = self.pool.select(self.query(tokens, step_mask), task_ids)  # (B,), (B, P)
+            pull = sim.gather(1, index[:, None]).mean()  # L2M: pulls chosen keys toward their queries
+            mods, routing = self.pool.gather(index), dict(index=index, sim=sim, pull=pull)
+        if self.adapters is not None:
+            mods = [
+                {**(mods[layer] if mods else {}), "attn_adapter": pair[0], "mlp_adapter": pair[1]}
+                for layer, pair in enumerate(self.adapters)
+            ]
+        return mods, routing
+
+    def attach_adapters(self, reduction=16):
+        """Two adapters per layer (the authors' DecisionTransformerGPT2BlockWithAdapter)."""
+        C = self.cfg.n_embd
+        device = self.embed_ln.weight.device
+        self.adapters = nn.ModuleList(
+            nn.ModuleList([Adapter(C, reduction), Adapter(C, reduction)]) for _ in self.blocks
+        ).to(device)
 
     # --- acting ------------------------------------------------------------------------------------------
 
@@ -378,6 +446,8 @@ class DecisionTransformer(nn.Module):
         if finetuned is not None:
             if finetuned["pool_args"] is not None:
                 model.pool = ModulationPool(model.cfg.n_layer, model.cfg.n_embd, **finetuned["pool_args"])
+            if finetuned.get("adapter_args") is not None:
+                model.attach_adapters(**finetuned["adapter_args"])
             model.load_state_dict({**model.state_dict(), **finetuned["model"]})
         return model.eval()
 

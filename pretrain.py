@@ -206,15 +206,17 @@ class WindowDataset:
 
         return {k: tensor(v) for k, v in inputs.items()}, tensor(valid), tensor(task)
 
-    def sample(self, batch_size, episode_pool, device="cpu"):
-        """Episodes from each pool in `episode_pool` (a list of arrays, one per domain), equally many per pool."""
+    def sample(self, batch_size, episode_pool, device="cpu", rng=None):
+        """Episodes from each pool in `episode_pool` (a list of arrays, one per domain), equally many per pool.
+        rng: the generator to draw with (default: the dataset's own)."""
+        rng = rng or self.rng
         ids = []
         for i, pool in enumerate(episode_pool):
             n = batch_size // len(episode_pool) + (i < batch_size % len(episode_pool))
             lengths = self.ep_len[pool]
-            ids.append(self.rng.choice(pool, n, p=lengths / lengths.sum()))
+            ids.append(rng.choice(pool, n, p=lengths / lengths.sum()))
         ids = np.concatenate(ids)
-        starts = np.floor(self.rng.random(len(ids)) * self.ep_len[ids]).astype(np.int64)
+        starts = np.floor(rng.random(len(ids)) * self.ep_len[ids]).astype(np.int64)
         return self.windows(ids, starts, device)
 
 

@@ -590,11 +590,51 @@ def test_tokenizer_round_trip():
     assert tok.encode(torch.tensor([-1.0, 1.0, -5.0, 5.0])).tolist() == [0, 63, 0, 63]
 
 
-def test_zero_initialized_modulator_changes_nothing():
+@pytest.mark.parametrize("kind", ["lora", "ia3", "adapter"])
+def test_zero_initialized_modulator_changes_nothing(kind):
     plain, b = tiny_model(), random_batch()
-    pooled = tiny_model(pool_size=5)
-    pooled.load_state_dict(plain.state_dict(), strict=False)
-    assert torch.equal(forward(plain, b)[0], forward(pooled, b)[0])
+    modulated = tiny_model() if kind == "adapter" else tiny_model(pool_size=5, kind=kind)
+    if kind == "adapter":
+        modulated.attach_adapters()
+    modulated.load_state_dict(plain.state_dict(), strict=False)
+    assert torch.equal(forward(plain, b)[0], forward(modulated, b)[0])
+
+
+def test_ia3_entry_equals_its_vectors_folded_into_the_weights():
+    """(IA)3 scales keys, values and the MLP's hidden activations: the same as scaling those weights' output rows
+    (and the MLP projection's input columns), per sample with the sample's own entry."""
+    net, b = tiny_model(pool_size=4, kind="ia3"), random_batch(B=8)
+    with torch.no_grad():
+        for p in (net.pool.k_scale, net.pool.v_scale, net.pool.mlp_scale):
+            p.uniform_(0.5, 1.5)
+    logits, routing = forward(net, b)
+    assert len(set(routing["index"].tolist())) > 1, "the batch should mix entries"
+    C = net.cfg.n_embd
+    for i, entry in enumerate(routing["index"].tolist()):
+        ref = tiny_model()
+        ref.load_state_dict({k: v for k, v in net.state_dict().items() if not k.startswith("pool.")})
+        with torch.no_grad():
+            for layer, block in enumerate(ref.blocks):
+                scale = torch.cat([torch.ones(C), net.pool.k_scale[entry, layer], net.pool.v_scale[entry, layer]])
+                block.attn.qkv.weight.mul_(scale[:, None])
+                block.attn.qkv.bias.mul_(scale)
+                block.mlp.proj.weight.mul_(net.pool.mlp_scale[entry, layer][None, :])
+        ref_logits, _ = forward(ref, {k: v[i : i + 1] for k, v in b.items()})
+        assert torch.allclose(logits[i], ref_logits[0], atol=1e-4)
+
+
+def test_adapters_act_on_both_sublayers_of_every_layer():
+    net, b = tiny_model(), random_batch()
+    net.attach_adapters(reduction=4)
+    before = forward(net, b)[0]
+    for layer in range(net.cfg.n_layer):
+        for which in range(2):
+            with torch.no_grad():
+                net.adapters[layer][which].up.weight.normal_(0, 0.3)
+            after = forward(net, b)[0]
+            assert not torch.allclose(before, after), f"adapter {which} of layer {layer} changed nothing"
+            before = after
+    assert net.adapters[0][0].down.out_features == 32 // 4
 
 
 def merged_reference(net, entry):
@@ -684,13 +724,16 @@ def test_oracle_masks_entries_of_other_tasks():
     assert torch.equal(routing["index"] // 2, task_ids)
 
 
-@pytest.mark.parametrize("pool", [{}, {"pool_size": 3}])
+@pytest.mark.parametrize("pool", [{}, {"pool_size": 3}, {"pool_size": 3, "kind": "ia3"}, {"adapters": True}])
 def test_cached_acting_equals_uncached(pool):
+    adapters = pool.pop("adapters", False)
     net, b = tiny_model(act_dim=6, **pool), random_batch(act_dim=6)
-    if pool:
-        with torch.no_grad():
-            net.pool.q_b.normal_(0, 0.3)
-            net.pool.mlp_b.normal_(0, 0.3)
+    if adapters:
+        net.attach_adapters(reduction=4)
+    with torch.no_grad():  # modulators that are not the identity
+        for name, p in net.named_parameters():
+            if name.split(".")[-2:-1] == ["up"] or name.endswith(("q_b", "mlp_b", "k_scale", "mlp_scale")):
+                p.normal_(1.0 if name.endswith("scale") else 0.0, 0.3)
     for act_dim in (1, 4, 6):
         cached, _ = net.act(**b, act_dim=act_dim)
         plain, _ = net.act(**b, act_dim=act_dim, use_cache=False)
@@ -1197,6 +1240,70 @@ def test_l2m_leaves_a_finished_task_entry_bit_identical(pipeline, l2m_run):
     for name in ("pool.keys", "pool.q_a", "pool.q_b", "pool.v_a", "pool.v_b", "pool.mlp_a", "pool.mlp_b"):
         assert torch.equal(first["model"][name][entry], both["model"][name][entry]), name
     assert not torch.equal(first["model"]["pool.q_b"], both["model"]["pool.q_b"]), "the second task trained nothing"
+
+
+def marked_tasks(tmp_path, names, episodes=6, length=20):
+    """Fake tasks whose observations carry (task number, episode number) in columns 0 and 1, and each task's data
+    as finetune.py holds it: [(task, dataset, pools)]."""
+    data = []
+    for i, name in enumerate(names):
+        arrays = write_fake_task(tmp_path, name, episodes=episodes, length=length, seed=i)
+        arrays["observations"][:, 0] = i + 1
+        arrays["observations"][:, 1] = np.repeat(np.arange(episodes), length)
+        collect.save_npz(str(tmp_path / f"{name}.npz"), arrays)
+        tasks, dataset, pools, _ = pretrain.load_data([name], str(tmp_path), 0, 5, 4, 64, i)
+        data.append((tasks[0], dataset, pools))
+    return data
+
+
+def test_er_mixes_a_fixed_few_episodes_of_each_earlier_task_into_every_batch(tmp_path):
+    data = marked_tasks(tmp_path, ["reach-v3", "push-v3", "window-close-v3"])
+    args = finetune.Args(method="er", batch_size=64, replay_share=0.25, replay_episodes=2)
+    kept = {}
+    for task_index in (1, 2):
+        sample = finetune.batch_source(data, task_index, args, "cpu")
+        for _ in range(20):
+            states = sample()[0]["states"][:, -1]  # the last timestep of a window is always real
+            task, episode = states[:, 0].long() - 1, states[:, 1].long()
+            assert (task[:48] == task_index).all() and (task[48:] < task_index).all()  # 3/4 own, 1/4 replay
+            for j, e in zip(task[48:].tolist(), episode[48:].tolist()):
+                kept.setdefault((task_index, j), set()).add(e)
+    assert {key: len(episodes) for key, episodes in kept.items()} == {(1, 0): 2, (2, 0): 2, (2, 1): 2}
+    assert kept[1, 0] == kept[2, 0], "task 0's kept episodes are the same whichever task is learned"
+    own = finetune.batch_source(data, 2, finetune.Args(method="ft", batch_size=64), "cpu")()[0]["states"]
+    assert (own[:, -1, 0] == 3).all(), "without replay a batch is the task's own"
+
+
+def test_multitask_batches_draw_every_task_of_the_sequence(tmp_path):
+    data = marked_tasks(tmp_path, ["reach-v3", "push-v3", "window-close-v3"])
+    sample = finetune.batch_source(data, 0, finetune.Args(method="multitask", batch_size=300), "cpu")
+    counts = np.bincount(sample()[0]["states"][:, -1, 0].long().numpy() - 1, minlength=3)
+    assert counts.sum() == 300 and (counts > 70).all(), counts
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["ia3", "l2m-ia3", "adapter", "er", "multitask"])
+def test_each_further_method_trains_what_it_should_and_nothing_else(pipeline, method):
+    steps = 150 if method == "l2m-ia3" else 20  # enough for its keys to part, as in l2m_run
+    finetune.main(finetune_args(pipeline, method, method, steps_per_task=steps))
+    ckpt = collect.load_checkpoint(str(pipeline / method / "ckpt.pt"))
+    pretrained = collect.load_checkpoint(str(pipeline / "pretrain" / "ckpt.pt"))["model"]
+    assert np.asarray(ckpt["success"]).shape == (2, 2)
+    if method in ("er", "multitask"):  # full fine-tuning: the backbone moves
+        assert not torch.equal(ckpt["model"]["blocks.0.attn.qkv.weight"], pretrained["blocks.0.attn.qkv.weight"])
+        return
+    prefix = "adapters." if method == "adapter" else "pool."
+    assert ckpt["model"] and all(n.startswith(prefix) for n in ckpt["model"]), "a frozen run saves only its modulators"
+    fresh = M.DecisionTransformer.from_checkpoint(collect.load_checkpoint(str(pipeline / "pretrain" / "ckpt.pt")))
+    finetune.attach_method(fresh, finetune_args(pipeline, method, method), 2, torch.device("cpu"))
+    moved = [n for n, v in ckpt["model"].items() if not torch.equal(v, fresh.state_dict()[n])]
+    assert any(n.endswith(("scale", "up.weight")) for n in moved), moved
+    assert ckpt["trainable_params"] == sum(v.numel() for n, v in fresh.named_parameters() if n.startswith(prefix))
+    model = evaluate.build_model(ckpt, torch.device("cpu"))  # the backbone as pre-trained, bit for bit
+    for n, v in pretrained.items():
+        assert torch.equal(model.state_dict()[n], v), n
+    if method == "l2m-ia3":
+        assert len({int(np.argmax(r["routing"])) for r in ckpt["stages"][-1]["results"]}) == 2
 
 
 @pytest.mark.slow
