@@ -187,7 +187,7 @@ def rollout(model, tasks, episodes, device, task_ids=None):
         actions_taken[t] = tokenizer.decode(action_bins).cpu().numpy()  # (N, act_dim) bin centres
         model_seconds += time.perf_counter() - start
         if route is not None:
-            np.add.at(routing, (env_task, route["index"].cpu().numpy()), 1)
+            np.add.at(routing, (env_task[:, None], route["index"].view(N, -1).cpu().numpy()), 1)  # L2P: top-k each
 
         start = time.perf_counter()
         step_rewards = np.zeros(N, np.float32)

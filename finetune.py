@@ -15,6 +15,9 @@ Methods (--method):
   l2m         L2M: a pool of key-matched low-rank modulators, backbone and action head frozen
   l2m-ia3     L2M with (IA)3 vectors as the pool's entries (the authors' l2m_ia3.yaml)
   l2m-oracle  L2M with the pool split into one group per task, masked by the task id
+  l2p-pv2     L2P: a pool of key-matched prompts, the top 5 prepended to every layer's input (P-tuning v2)
+  l2p-pret    L2P with the prompts as every layer's attention key/value prefixes (prefix tuning)
+  l2p-pt      L2P with the prompts prepended to the input only (prompt tuning)
   er          full fine-tuning with experience replay: a share of every batch from a few kept episodes of each
               earlier task
   multitask   full fine-tuning on all tasks of the sequence at once (no forgetting by construction: the reference)
@@ -38,14 +41,15 @@ from tqdm import tqdm
 
 from collect import check_output, fields_from, file_sha256, load_checkpoint, parse_args, resolve_tasks, save_atomic
 from evaluate import build_model, evaluate_tasks, write_sequence_report
-from model import ModulationPool, action_loss, resolve_device, use_bf16
+from model import action_loss, make_pool, resolve_device, use_bf16
 from pretrain import load_data
 
 CURVE_EVERY = 50  # training steps averaged into one point of training_curves.png
 LOG_EVERY = 500  # steps between the plain log lines written when stderr is not a terminal
-METHODS = ("ft", "l2", "ewc", "er", "multitask", "lora", "ia3", "adapter", "l2m", "l2m-ia3", "l2m-oracle")
-FROZEN_BACKBONE = ("lora", "ia3", "adapter", "l2m", "l2m-ia3", "l2m-oracle")
-KEY_MATCHED = ("l2m", "l2m-ia3", "l2m-oracle")  # a pool of entries chosen by their keys, trained with the key pull
+L2P = {"l2p-pt": "pt", "l2p-pv2": "pv2", "l2p-pret": "pret"}  # method -> where its prompts go
+METHODS = ("ft", "l2", "ewc", "er", "multitask", "lora", "ia3", "adapter", "l2m", "l2m-ia3", "l2m-oracle", *L2P)
+FROZEN_BACKBONE = ("lora", "ia3", "adapter", "l2m", "l2m-ia3", "l2m-oracle", *L2P)
+KEY_MATCHED = ("l2m", "l2m-ia3", "l2m-oracle", *L2P)  # a pool of entries chosen by their keys, with the key pull
 
 
 @dataclass
@@ -84,6 +88,12 @@ class Args:
     """l2m, l2m-ia3, l2m-oracle: weight of the key-pull term (pull_constraint_coef)"""
     adapter_reduction: int = 16
     """adapter: bottleneck width = n_embd / this (the authors' reduction_factor)"""
+    prompt_pool_size: int = 100
+    """l2p-*: prompts in the pool (l2p.yaml)"""
+    prompt_length: int = 5
+    """l2p-*: tokens per prompt (l2p.yaml)"""
+    prompt_top_k: int = 5
+    """l2p-*: prompts chosen per window, concatenated (l2p.yaml)"""
     reg_lambda: float = 400.0
     """l2/ewc: penalty weight (authors' default)"""
     fisher_batches: int = 10
@@ -247,6 +257,12 @@ def attach_method(model, args, n_tasks, device):
         adapter_args = dict(reduction=args.adapter_reduction)
         model.attach_adapters(**adapter_args)
         return None, adapter_args
+    if args.method in L2P:
+        pool_args = dict(
+            pool_size=args.prompt_pool_size, length=args.prompt_length, top_k=args.prompt_top_k, kind=L2P[args.method]
+        )
+        model.pool = make_pool(model.cfg.n_layer, model.cfg.n_embd, **pool_args).to(device)
+        return pool_args, None
     pool_args = dict(
         pool_size=args.pool_size if args.method in KEY_MATCHED else 1,
         rank=args.rank,
@@ -254,7 +270,7 @@ def attach_method(model, args, n_tasks, device):
         n_groups=n_tasks if args.method == "l2m-oracle" else 0,
         kind="ia3" if args.method in ("ia3", "l2m-ia3") else "lora",
     )
-    model.pool = ModulationPool(model.cfg.n_layer, model.cfg.n_embd, **pool_args).to(device)
+    model.pool = make_pool(model.cfg.n_layer, model.cfg.n_embd, **pool_args).to(device)
     return pool_args, None
 
 
@@ -271,6 +287,8 @@ def load_inputs(args, run_dir):
     names = resolve_tasks(args.tasks)
     check_output(run_dir, "--run-dir", is_dir=True)
     use_bf16(args.precision, resolve_device(args.device))
+    if not 1 <= args.prompt_top_k <= args.prompt_pool_size or args.prompt_length < 1:
+        raise ValueError("--prompt-top-k must be between 1 and --prompt-pool-size, and --prompt-length at least 1")
     if args.replay_episodes < 1 or not 0.0 <= args.replay_share < 1.0:
         raise ValueError("--replay-episodes must be at least 1 and --replay-share in [0, 1)")
     if args.method == "l2m-oracle" and args.pool_size < len(names):
@@ -373,7 +391,7 @@ def train_task(step_fn, steps, name, pool_size):
         losses.append(loss.item())
         to_log = bar.disable and ((step + 1) % LOG_EVERY == 0 or step + 1 == steps)  # a log file: plain lines
         if to_log or (not bar.disable and step % 10 == 0):
-            used = f" entries {sorted(set(routing['index'].tolist()))}" if pool_size > 1 else ""
+            used = f" entries {sorted(set(routing['index'].flatten().tolist()))}" if pool_size > 1 else ""
             status = f"loss {np.mean(losses[-LOG_EVERY:]):.3f} acc {accuracy.item():.3f}{used}"
             bar.set_postfix_str(status)
             if to_log:

@@ -55,40 +55,22 @@ class ActionTokenizer:
         return (bins.float() + 0.5) * (2.0 / self.n_bins) - 1.0
 
 
-POOL_KINDS = ("lora", "ia3")  # what a pool entry holds: low-rank residuals (L2M) or scaling vectors (L2M-(IA)3)
+POOL_KINDS = ("lora", "ia3")  # what a modulation entry holds: low-rank residuals (L2M) or scaling vectors (L2M-(IA)3)
+PROMPT_KINDS = ("pt", "pv2", "pret")  # L2P's prompts: at the input, at every layer's input, as attention prefixes
 
 
-class ModulationPool(nn.Module):
-    """L2M's pool: P entries, each a key in R^C and, for every layer, modulators of the attention and the MLP:
-    kind "lora", low-rank residuals on Q, V and the MLP's hidden pre-activations (L2M); kind "ia3", vectors that
-    scale K, V and the MLP's hidden activations ((IA)3, Liu et al. 2022; the authors' L2M-(IA)3).
+class KeyedPool(nn.Module):
+    """P entries chosen by their keys, the part L2M shares with L2P (Schmied et al. 2023, Sec. 3; the authors'
+    L2PPrompt): query = masked mean of the embedded state tokens; cosine similarity to every key; the top_k entries
+    per sample. Training from the second task on, the score becomes ((cos + 1) / 2) * inv, inv = normalized
+    1 / (selection frequency so far + 1e-6), refreshed at each task switch, so a new task takes entries no earlier
+    task used. n_groups > 0 (the oracle): entries split into n_groups contiguous groups, masked by the task id."""
 
-    Selection (Schmied et al. 2023, Sec. 3; the authors' L2PPrompt): query = masked mean of the embedded state
-    tokens; cosine similarity to every key; top-1 per sample. Training from the second task on, the score becomes
-    ((cos + 1) / 2) * inv, inv = normalized 1 / (selection frequency so far + 1e-6), refreshed at each task
-    switch, so a new task takes entries no earlier task used. A pool of one entry is one shared set (LoRA, (IA)3).
-    """
-
-    def __init__(self, n_layer, n_embd, pool_size=30, rank=8, alpha=16.0, n_groups=0, kind="lora"):
+    def __init__(self, pool_size, n_embd, n_groups=0, top_k=1):
         super().__init__()
-        if kind not in POOL_KINDS:
-            raise ValueError(f"unknown modulator kind {kind!r}: use one of {', '.join(POOL_KINDS)}")
-        P, L, C, r = pool_size, n_layer, n_embd, rank
-        self.kind, self.n_layer = kind, L
-        self.scale = alpha / rank  # l2m_lora.yaml: rank 8, lora_alpha = 2 * rank
-        self.n_groups = n_groups  # > 0: the oracle, entries split into n_groups contiguous groups masked by task id
-        self.keys = nn.Parameter(torch.empty(P, C).uniform_(-1.0, 1.0))  # init_keys: uniform
-        if kind == "ia3":  # L2MIA3._setup_prompt: ones, so a fresh entry changes nothing
-            self.k_scale = nn.Parameter(torch.ones(P, L, C))
-            self.v_scale = nn.Parameter(torch.ones(P, L, C))
-            self.mlp_scale = nn.Parameter(torch.ones(P, L, 4 * C))
-        else:  # A: per-matrix kaiming-uniform like loralib (bound 1/sqrt(fan_in)); B: zero, a fresh entry does nothing
-            self.q_a = nn.Parameter(torch.empty(P, L, C, r).uniform_(-1.0, 1.0) / math.sqrt(C))
-            self.v_a = nn.Parameter(torch.empty(P, L, C, r).uniform_(-1.0, 1.0) / math.sqrt(C))
-            self.mlp_a = nn.Parameter(torch.empty(P, L, 4 * C, r).uniform_(-1.0, 1.0) / math.sqrt(4 * C))
-            self.q_b = nn.Parameter(torch.zeros(P, L, r, C))
-            self.v_b = nn.Parameter(torch.zeros(P, L, r, C))
-            self.mlp_b = nn.Parameter(torch.zeros(P, L, r, 4 * C))
+        P = pool_size
+        self.n_groups, self.top_k = n_groups, top_k
+        self.keys = nn.Parameter(torch.empty(P, n_embd).uniform_(-1.0, 1.0))  # init_keys: uniform
         self.register_buffer("counts", torch.zeros(P))  # running mean of the per-batch selection histogram
         self.register_buffer("n_batches", torch.zeros((), dtype=torch.long))
         self.register_buffer("inv_counts", torch.full((P,), 1.0 / P))
@@ -105,7 +87,7 @@ class ModulationPool(nn.Module):
         self.penalize.fill_(task_index > 0)
 
     def select(self, query, task_ids=None):
-        """query (B, C) -> entry index (B,), cosine similarity to every key (B, P)."""
+        """query (B, C) -> entry index (B,) (top_k 1) or (B, top_k), cosine similarity to every key (B, P)."""
         with torch.autocast(query.device.type, enabled=False):  # fp32 even under bf16 autocast, as the authors
             sim = F.normalize(query.float(), dim=-1) @ F.normalize(self.keys.float(), dim=-1).T  # (B, P) L2M: cosine
             score = sim
@@ -114,12 +96,38 @@ class ModulationPool(nn.Module):
         if self.n_groups > 0:  # L2M oracle: only the entries of the sample's own task group
             group = torch.arange(self.size, device=sim.device) // (self.size // self.n_groups)  # (P,)
             score = score.masked_fill(group[None, :] != task_ids[:, None], float("-inf"))
-        index = score.argmax(dim=-1)  # (B,) L2M: top-1
+        index = score.argmax(dim=-1) if self.top_k == 1 else score.topk(self.top_k, dim=-1).indices  # L2M: top-1
         if self.training:
-            histogram = torch.bincount(index, minlength=self.size).float() / len(index)  # (P,)
+            histogram = torch.bincount(index.flatten(), minlength=self.size).float() / index.numel()  # (P,)
             self.n_batches += 1
             self.counts += (histogram - self.counts) / self.n_batches  # L2M: selection frequency
         return index, sim
+
+
+class ModulationPool(KeyedPool):
+    """L2M's pool: P entries, each a key in R^C and, for every layer, modulators of the attention and the MLP:
+    kind "lora", low-rank residuals on Q, V and the MLP's hidden pre-activations (L2M); kind "ia3", vectors that
+    scale K, V and the MLP's hidden activations ((IA)3, Liu et al. 2022; the authors' L2M-(IA)3). Top-1 selection
+    (KeyedPool). A pool of one entry is one shared set (LoRA, (IA)3)."""
+
+    def __init__(self, n_layer, n_embd, pool_size=30, rank=8, alpha=16.0, n_groups=0, kind="lora"):
+        super().__init__(pool_size, n_embd, n_groups)
+        if kind not in POOL_KINDS:
+            raise ValueError(f"unknown modulator kind {kind!r}: use one of {', '.join(POOL_KINDS)}")
+        P, L, C, r = pool_size, n_layer, n_embd, rank
+        self.kind, self.n_layer = kind, L
+        self.scale = alpha / rank  # l2m_lora.yaml: rank 8, lora_alpha = 2 * rank
+        if kind == "ia3":  # L2MIA3._setup_prompt: ones, so a fresh entry changes nothing
+            self.k_scale = nn.Parameter(torch.ones(P, L, C))
+            self.v_scale = nn.Parameter(torch.ones(P, L, C))
+            self.mlp_scale = nn.Parameter(torch.ones(P, L, 4 * C))
+        else:  # A: per-matrix kaiming-uniform like loralib (bound 1/sqrt(fan_in)); B: zero, a fresh entry does nothing
+            self.q_a = nn.Parameter(torch.empty(P, L, C, r).uniform_(-1.0, 1.0) / math.sqrt(C))
+            self.v_a = nn.Parameter(torch.empty(P, L, C, r).uniform_(-1.0, 1.0) / math.sqrt(C))
+            self.mlp_a = nn.Parameter(torch.empty(P, L, 4 * C, r).uniform_(-1.0, 1.0) / math.sqrt(4 * C))
+            self.q_b = nn.Parameter(torch.zeros(P, L, r, C))
+            self.v_b = nn.Parameter(torch.zeros(P, L, r, C))
+            self.mlp_b = nn.Parameter(torch.zeros(P, L, r, 4 * C))
 
     def gather(self, index):
         """Each sample's modulators, per layer: a list of L dicts; for "ia3" k_scale, v_scale (B, 1, C) and
@@ -175,6 +183,37 @@ class ModulationPool(nn.Module):
         ]
 
 
+class PromptPool(KeyedPool):
+    """L2P's prompt pool (Wang et al. 2022; the authors' L2PPrompt with l2p.yaml: 100 prompts of 5 tokens, top-5):
+    the top_k prompts chosen by their keys (KeyedPool) are concatenated into top_k * length tokens and, by kind,
+    prepended to the input ("pt", prompt tuning), to every layer's input in place of the previous layer's prompt
+    outputs ("pv2", P-tuning v2), or to every layer's attention keys and values ("pret", prefix tuning)."""
+
+    def __init__(self, n_layer, n_embd, pool_size=100, length=5, top_k=5, n_groups=0, kind="pv2"):
+        super().__init__(pool_size, n_embd, n_groups, top_k)
+        if kind not in PROMPT_KINDS:
+            raise ValueError(f"unknown prompt kind {kind!r}: use one of {', '.join(PROMPT_KINDS)}")
+        self.kind = kind
+        depth = {"pt": 1, "pv2": n_layer, "pret": 2 * n_layer}[kind]  # pret: a key and a value prefix per layer
+        self.prompts = nn.Parameter(torch.empty(pool_size, depth, length, n_embd).uniform_(-1.0, 1.0))  # uniform
+
+    @property
+    def n_tokens(self):
+        return self.top_k * self.prompts.shape[2]
+
+    def gather(self, index):
+        """index (B, top_k) -> the chosen prompts, concatenated: (B, depth, top_k * length, C)."""
+        chosen = self.prompts[index].transpose(1, 2)  # (B, depth, top_k, length, C)
+        return chosen.flatten(2, 3)
+
+
+def make_pool(n_layer, n_embd, kind="lora", **kwargs):
+    """The pool a checkpoint's pool_args describe: L2M's modulators or L2P's prompts."""
+    if kind in PROMPT_KINDS:
+        return PromptPool(n_layer, n_embd, kind=kind, **kwargs)
+    return ModulationPool(n_layer, n_embd, kind=kind, **kwargs)
+
+
 DENSE_ENTRIES = 4  # acting with more entries than this in a batch, modulators are applied per sample (see gather)
 
 
@@ -217,7 +256,9 @@ class CausalSelfAttention(nn.Module):
             v = v + low_rank(x, mod["v_a"], mod["v_b"], mod["select"], mod["scale"])
         if mod is not None and "k_scale" in mod:  # (IA)3: keys and values rescaled (AttentionIA3.forward)
             k, v = k * mod["k_scale"], v * mod["v_scale"]
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T, C/H)
+        if mod is not None and "prefix_k" in mod and not (cache and "k" in cache):  # L2P-PreT: the prompt's keys
+            k, v = torch.cat([mod["prefix_k"], k], dim=1), torch.cat([mod["prefix_v"], v], dim=1)  # (B, N + T, C)
+        q, k, v = (t.view(B, -1, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T', C/H)
         if cache is not None:
             if "k" in cache:
                 k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)  # (B, H, T_all, C/H)
@@ -336,15 +377,28 @@ class DecisionTransformer(nn.Module):
         tokens = tokens + self.embed_timestep(timesteps).unsqueeze(2)  # the step's embedding on every token of it
         return self.embed_ln(tokens.reshape(B, K * self.cfg.tokens_per_step, -1))  # (B, T, C)
 
-    def attention_mask(self, step_mask):
+    def attention_mask(self, step_mask, prompt=None):
         """step_mask (B, K) bool, True = real timestep (left padding is False) -> (B, 1, T, T) causal & not-padding.
-        A padded query may see itself, so no row is empty (its output is never used)."""
+        A padded query may see itself, so no row is empty (its output is never used). With L2P's prompt of N tokens,
+        every token also sees the N prompt keys in front: (B, 1, N + T, N + T) where the prompt is a row of tokens
+        (pt, pv2; prompt tokens see the prompt tokens before them, as in a causal GPT-2), (B, 1, T, N + T) for
+        prefixes (pret)."""
         S = self.cfg.tokens_per_step
         key_valid = step_mask.repeat_interleave(S, dim=1)  # (B, T)
-        T = key_valid.shape[1]
+        B, T = key_valid.shape
         causal = torch.ones(T, T, dtype=torch.bool, device=step_mask.device).tril()  # (T, T)
         eye = torch.eye(T, dtype=torch.bool, device=step_mask.device)
-        return (causal & (key_valid[:, None, :] | eye))[:, None]  # (B, 1, T, T)
+        mask = (causal & (key_valid[:, None, :] | eye))[:, None]  # (B, 1, T, T)
+        if prompt is None:
+            return mask
+        N = prompt["n"]
+        mask = torch.cat([mask.new_ones(B, 1, T, N), mask], dim=-1)  # (B, 1, T, N + T)
+        if prompt["tokens"] is None:
+            return mask
+        prompt_rows = torch.cat(
+            [torch.ones(N, N, dtype=torch.bool, device=mask.device).tril(), mask.new_zeros(N, T)], 1
+        )
+        return torch.cat([prompt_rows.expand(B, 1, N, N + T), mask], dim=2)  # (B, 1, N + T, N + T)
 
     def query(self, tokens, step_mask):
         """L2M's query: masked mean of the embedded state tokens (frozen weights only). -> (B, C)"""
@@ -357,32 +411,54 @@ class DecisionTransformer(nn.Module):
 
     def forward(self, states, returns, action_bins, rewards, timesteps, step_mask, task_ids=None):
         """-> logits (B, K, A, NB) for every action token, and the pool's output (None without a pool):
-        dict(index (B,), sim (B, P), pull = mean cosine between each query and the key it selected)."""
+        dict(index (B,) or (B, top_k), sim (B, P), pull = the cosines between each query and the keys it selected,
+        summed over them, averaged over the batch)."""
         B, K = returns.shape
         tokens = self.embed(states, returns, action_bins, rewards, timesteps)  # (B, T, C)
-        mods, routing = self.modulators(tokens, step_mask, task_ids)
+        mods, routing, prompt = self.modulators(tokens, step_mask, task_ids)
         x = dropout(tokens, self.cfg.dropout, self.training)
-        mask = self.attention_mask(step_mask)
-        for layer, block in enumerate(self.blocks):
-            x = block(x, mask, mods[layer] if mods else None)
+        mask = self.attention_mask(step_mask, prompt)
+        x = self.run_blocks(x, mask, mods, prompt)
+        x = x[:, x.shape[1] - K * self.cfg.tokens_per_step :]  # L2P's prompt outputs (pt, pv2) predict nothing
         x = self.ln_f(x).view(B, K, self.cfg.tokens_per_step, -1)  # (B, K, S, C)
         logits = self.action_head(x[:, :, 1 : 1 + self.cfg.act_dim])  # (B, K, A, NB): R and a^1..a^(A-1) predict
         return logits, routing
 
+    def run_blocks(self, x, mask, mods, prompt, caches=None, first=True):
+        """The blocks over x (B, T', C). L2P's prompt tokens enter here: before the first block (pt), or before every
+        block in place of the previous block's prompt outputs (pv2); not in cached acting's later passes (first
+        False), whose rows are single new tokens."""
+        for layer, block in enumerate(self.blocks):
+            if prompt is not None and prompt["tokens"] is not None and first and layer < prompt["tokens"].shape[1]:
+                fresh = prompt["tokens"][:, layer]  # (B, N, C)
+                x = torch.cat([fresh, x if layer == 0 else x[:, fresh.shape[1] :]], dim=1)
+            x = block(x, mask, mods[layer] if mods else None, caches[layer] if caches else None)
+        return x
+
     def modulators(self, tokens, step_mask, task_ids=None):
-        """Route each sample to a pool entry and add the adapters; -> (per-layer dicts of modulators or None,
-        routing dict or None)."""
-        mods = routing = None
+        """Route each sample to its pool entries and add the adapters. -> (per-layer dicts of modulators or None,
+        routing dict or None, L2P's prompt or None: dict(tokens (B, depth, N, C) to prepend, None for prefixes;
+        n, the prompt keys every token attends to))."""
+        mods = routing = prompt = None
         if self.pool is not None:
-            index, sim = self.pool.select(self.query(tokens, step_mask), task_ids)  # (B,), (B, P)
-            pull = sim.gather(1, index[:, None]).mean()  # L2M: pulls chosen keys toward their queries
-            mods, routing = self.pool.gather(index), dict(index=index, sim=sim, pull=pull)
+            index, sim = self.pool.select(self.query(tokens, step_mask), task_ids)  # (B,) or (B, top_k), (B, P)
+            pull = sim.gather(1, index.view(len(index), -1)).sum(1).mean()  # L2M, L2P: pulls keys toward queries
+            routing = dict(index=index, sim=sim, pull=pull)
+            if isinstance(self.pool, PromptPool):
+                chosen = self.pool.gather(index)  # (B, depth, N, C)
+                if self.pool.kind == "pret":  # layer l: keys from prefix 2l, values from prefix 2l + 1
+                    mods = [
+                        dict(prefix_k=chosen[:, 2 * i], prefix_v=chosen[:, 2 * i + 1]) for i in range(len(self.blocks))
+                    ]
+                prompt = dict(tokens=None if self.pool.kind == "pret" else chosen, n=chosen.shape[2])
+            else:
+                mods = self.pool.gather(index)
         if self.adapters is not None:
             mods = [
                 {**(mods[layer] if mods else {}), "attn_adapter": pair[0], "mlp_adapter": pair[1]}
                 for layer, pair in enumerate(self.adapters)
             ]
-        return mods, routing
+        return mods, routing, prompt
 
     def attach_adapters(self, reduction=16):
         """Two adapters per layer (the authors' DecisionTransformerGPT2BlockWithAdapter)."""
@@ -407,30 +483,30 @@ class DecisionTransformer(nn.Module):
         action_bins = action_bins.clone()
         action_bins[:, -1] = self.cfg.n_bins  # the current step's actions are unknown
         tokens = self.embed(states, returns, action_bins, rewards, timesteps)  # (B, T, C)
-        mods, routing = self.modulators(tokens, step_mask, task_ids)
+        mods, routing, prompt = self.modulators(tokens, step_mask, task_ids)
         prefix = (K - 1) * S + 2  # tokens up to and including the current R_t
-        mask = self.attention_mask(step_mask)  # (B, 1, T, T)
+        mask = self.attention_mask(step_mask, prompt)  # (B, 1, R0 + T, C0 + T)
+        C0 = prompt["n"] if prompt is not None else 0  # L2P: prompt keys in front of the tokens' keys
+        R0 = C0 if prompt is not None and prompt["tokens"] is not None else 0  # ... and rows (pt, pv2)
         if not use_cache:
             for j in range(act_dim):
-                x, m = tokens[:, : prefix + j], mask[:, :, : prefix + j, : prefix + j]
-                for layer, block in enumerate(self.blocks):
-                    x = block(x, m, mods[layer] if mods else None)
+                m = mask[:, :, : R0 + prefix + j, : C0 + prefix + j]
+                x = self.run_blocks(tokens[:, : prefix + j], m, mods, prompt)
                 action_bins[:, -1, j] = self.action_head(self.ln_f(x[:, -1])).argmax(-1)  # (B,)
                 tokens = self.embed(states, returns, action_bins, rewards, timesteps)
             return action_bins[:, -1, :act_dim], routing
         caches = [dict() for _ in self.blocks]
-        x, rows = tokens[:, :prefix], slice(0, prefix)
+        x, rows = tokens[:, :prefix], slice(0, R0 + prefix)
         for j in range(act_dim):
-            m = mask[:, :, rows, : rows.stop]  # the new rows, against every key so far
-            for layer, block in enumerate(self.blocks):
-                x = block(x, m, mods[layer] if mods else None, caches[layer])
+            m = mask[:, :, rows, : C0 - R0 + rows.stop]  # the new rows, against every key so far
+            x = self.run_blocks(x, m, mods, prompt, caches, first=j == 0)
             action_bins[:, -1, j] = self.action_head(self.ln_f(x[:, -1])).argmax(-1)  # (B,)
             if j + 1 < act_dim:  # embed just the new action token: its own embedding + time, then the LayerNorm
                 t = timesteps[:, -1]
                 x = self.embed_ln(self.embed_action(action_bins[:, -1, j]) + self.embed_timestep(t))[
                     :, None
                 ]  # (B, 1, C)
-                rows = slice(prefix + j, prefix + j + 1)
+                rows = slice(R0 + prefix + j, R0 + prefix + j + 1)
         return action_bins[:, -1, :act_dim], routing
 
     @classmethod
@@ -445,7 +521,7 @@ class DecisionTransformer(nn.Module):
             raise ValueError(f"the checkpoint's weights do not fit its model_args: {first}") from None
         if finetuned is not None:
             if finetuned["pool_args"] is not None:
-                model.pool = ModulationPool(model.cfg.n_layer, model.cfg.n_embd, **finetuned["pool_args"])
+                model.pool = make_pool(model.cfg.n_layer, model.cfg.n_embd, **finetuned["pool_args"])
             if finetuned.get("adapter_args") is not None:
                 model.attach_adapters(**finetuned["adapter_args"])
             model.load_state_dict({**model.state_dict(), **finetuned["model"]})

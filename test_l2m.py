@@ -474,7 +474,7 @@ def tiny_model(act_dim=4, seed=0, **pool):
     torch.manual_seed(seed)
     net = M.DecisionTransformer(M.DTConfig(n_layer=2, n_head=2, n_embd=32, act_dim=act_dim, max_ep_len=200))
     if pool:
-        net.pool = M.ModulationPool(2, 32, **pool)
+        net.pool = M.make_pool(2, 32, **pool)
     return net.eval()
 
 
@@ -724,7 +724,12 @@ def test_oracle_masks_entries_of_other_tasks():
     assert torch.equal(routing["index"] // 2, task_ids)
 
 
-@pytest.mark.parametrize("pool", [{}, {"pool_size": 3}, {"pool_size": 3, "kind": "ia3"}, {"adapters": True}])
+PROMPTS = [{"pool_size": 6, "length": 3, "top_k": 2, "kind": kind} for kind in M.PROMPT_KINDS]
+
+
+@pytest.mark.parametrize(
+    "pool", [{}, {"pool_size": 3}, {"pool_size": 3, "kind": "ia3"}, {"adapters": True}, *PROMPTS], ids=str
+)
 def test_cached_acting_equals_uncached(pool):
     adapters = pool.pop("adapters", False)
     net, b = tiny_model(act_dim=6, **pool), random_batch(act_dim=6)
@@ -738,6 +743,54 @@ def test_cached_acting_equals_uncached(pool):
         cached, _ = net.act(**b, act_dim=act_dim)
         plain, _ = net.act(**b, act_dim=act_dim, use_cache=False)
         assert cached.shape == (6, act_dim) and torch.equal(cached, plain)
+
+
+@pytest.mark.parametrize("pool", PROMPTS, ids=lambda p: p["kind"])
+def test_prompts_keep_causality_and_padding_invisible(pool):
+    net, b = tiny_model(**pool), random_batch()
+    logits, routing = forward(net, b)
+    assert routing["index"].shape == (6, 2)
+    changed = {k: v.clone() for k, v in b.items()}
+    changed["action_bins"][:, 2, 1] = (changed["action_bins"][:, 2, 1] + 7) % 64  # a^2 of timestep 2: same query
+    after, _ = forward(net, changed)
+    assert torch.equal(logits[:, :2], after[:, :2]) and torch.equal(logits[:, 2, :2], after[:, 2, :2])
+    assert not torch.allclose(logits[:, 2, 2:], after[:, 2, 2:])
+    garbage = {k: v.clone() for k, v in b.items()}
+    pad = ~b["step_mask"]
+    garbage["states"][pad], garbage["action_bins"][pad], garbage["timesteps"][pad] = 5.0, 7, 99
+    after, routing_after = forward(net, garbage)
+    assert torch.allclose(logits[b["step_mask"]], after[b["step_mask"]], atol=1e-6)
+    assert torch.equal(routing["index"], routing_after["index"])
+
+
+@pytest.mark.parametrize("pool", PROMPTS, ids=lambda p: p["kind"])
+def test_only_the_chosen_prompts_matter_and_every_layer_of_them(pool):
+    net, b = tiny_model(**pool), random_batch()
+    query = net.query(
+        net.embed(b["states"], b["returns"], b["action_bins"], b["rewards"], b["timesteps"]), b["step_mask"]
+    )
+    with torch.no_grad():  # every window prefers entries 4, then 1: the top 2
+        net.pool.keys.copy_(-query.mean(0).repeat(6, 1) + 0.01 * torch.randn(6, 32))
+        net.pool.keys[4], net.pool.keys[1] = query.mean(0), query.mean(0) + 0.3 * torch.randn(32)
+    logits, routing = forward(net, b)
+    assert {tuple(sorted(row)) for row in routing["index"].tolist()} == {(1, 4)}
+    with torch.no_grad():
+        net.pool.prompts[[0, 2, 3, 5]] += torch.randn(4, *net.pool.prompts.shape[1:])  # entries no window chose
+    assert torch.equal(forward(net, b)[0], logits)
+    for depth in range(net.pool.prompts.shape[1]):  # pv2: each layer's prompt; pret: each layer's keys and values
+        with torch.no_grad():
+            net.pool.prompts[4, depth] += torch.randn_like(net.pool.prompts[4, depth])  # (a constant, LN removes)
+        after = forward(net, b)[0]
+        assert not torch.allclose(after, logits), f"prompt depth {depth} changed nothing"
+        logits = after
+
+
+def test_top_k_counts_every_chosen_entry_in_the_selection_frequency():
+    pool = M.PromptPool(2, 32, pool_size=6, length=2, top_k=3).train()
+    query = torch.randn(10, 32)
+    index, _ = pool.select(query)
+    assert index.shape == (10, 3) and pool.counts.sum().item() == pytest.approx(1.0)
+    assert torch.allclose(pool.counts, torch.bincount(index.flatten(), minlength=6).float() / 30)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1282,7 +1335,7 @@ def test_multitask_batches_draw_every_task_of_the_sequence(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["ia3", "l2m-ia3", "adapter", "er", "multitask"])
+@pytest.mark.parametrize("method", ["ia3", "l2m-ia3", "adapter", "er", "multitask", "l2p-pv2", "l2p-pret", "l2p-pt"])
 def test_each_further_method_trains_what_it_should_and_nothing_else(pipeline, method):
     steps = 150 if method == "l2m-ia3" else 20  # enough for its keys to part, as in l2m_run
     finetune.main(finetune_args(pipeline, method, method, steps_per_task=steps))
@@ -1297,7 +1350,7 @@ def test_each_further_method_trains_what_it_should_and_nothing_else(pipeline, me
     fresh = M.DecisionTransformer.from_checkpoint(collect.load_checkpoint(str(pipeline / "pretrain" / "ckpt.pt")))
     finetune.attach_method(fresh, finetune_args(pipeline, method, method), 2, torch.device("cpu"))
     moved = [n for n, v in ckpt["model"].items() if not torch.equal(v, fresh.state_dict()[n])]
-    assert any(n.endswith(("scale", "up.weight")) for n in moved), moved
+    assert any(n.endswith(("scale", "up.weight", "prompts")) for n in moved), moved
     assert ckpt["trainable_params"] == sum(v.numel() for n, v in fresh.named_parameters() if n.startswith(prefix))
     model = evaluate.build_model(ckpt, torch.device("cpu"))  # the backbone as pre-trained, bit for bit
     for n, v in pretrained.items():
