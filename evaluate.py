@@ -115,7 +115,8 @@ def known_tasks(ckpt, base=None):
         return {t["name"]: t for t in ckpt["tasks"]}, {}
     base = base or load_backbone(ckpt, ckpt["pretrained"]["path"])
     tasks = {**{t["name"]: t for t in base["tasks"]}, **{t["name"]: t for t in ckpt["tasks"]}}
-    oracle = {t["name"]: i for i, t in enumerate(ckpt["tasks"])} if ckpt["method"] == "l2m-oracle" else {}
+    told_task_id = ckpt["method"] in ("l2m-oracle", "packnet")
+    oracle = {t["name"]: i for i, t in enumerate(ckpt["tasks"])} if told_task_id else {}
     return tasks, oracle
 
 
@@ -236,7 +237,14 @@ def rollout(model, tasks, episodes, device, task_ids=None):
 
 def evaluate_tasks(model, tasks, episodes, device, task_ids=None, timings=None):
     """Evaluate several tasks: the tasks of one horizon (Meta-World 200 steps, DMControl 1000) run in lockstep.
-    task_ids only for an oracle. timings: a list that receives each rollout's timing. -> per-task results."""
+    task_ids only for the methods told the task id (l2m-oracle, packnet). timings: a list that receives each rollout's
+    timing. -> per-task results."""
+    if model.owners is not None and task_ids is not None:  # PackNet: each task with its own weights, one by one
+        results = []
+        for task, task_id in zip(tasks, task_ids):
+            with model.weights_of_task(task_id):
+                results += evaluate_tasks(model, [task], episodes, device, None, timings)
+        return results
     results = [None] * len(tasks)
     for length in sorted({horizon(t["name"]) for t in tasks}):
         group = [i for i, t in enumerate(tasks) if horizon(t["name"]) == length]
@@ -664,7 +672,7 @@ def main(args):
         if unknown:
             raise ValueError(f"{args.ckpt} knows nothing of {', '.join(unknown)} (it knows {', '.join(known)})")
         if oracle_ids and any(n not in oracle_ids for n in names):
-            raise ValueError("an l2m-oracle run needs a task id: evaluate only the tasks of its sequence")
+            raise ValueError(f"a {ckpt['method']} run needs a task id: evaluate only the tasks of its sequence")
         model = build_model(ckpt, device, base)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"evaluate.py: error: {e}")

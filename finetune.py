@@ -21,6 +21,8 @@ Methods (--method):
   er          full fine-tuning with experience replay: a share of every batch from a few kept episodes of each
               earlier task
   multitask   full fine-tuning on all tasks of the sequence at once (no forgetting by construction: the reference)
+  packnet     PackNet: each task trains the weights no earlier task owns, keeps the largest of them, retrains those;
+              evaluation of task j uses the weights of tasks <= j (needs the task id)
 
 Examples:
   python finetune.py                                  # L2M on CW10 with CPU defaults
@@ -47,9 +49,24 @@ from pretrain import load_data
 CURVE_EVERY = 50  # training steps averaged into one point of training_curves.png
 LOG_EVERY = 500  # steps between the plain log lines written when stderr is not a terminal
 L2P = {"l2p-pt": "pt", "l2p-pv2": "pv2", "l2p-pret": "pret"}  # method -> where its prompts go
-METHODS = ("ft", "l2", "ewc", "er", "multitask", "lora", "ia3", "adapter", "l2m", "l2m-ia3", "l2m-oracle", *L2P)
+METHODS = (
+    "ft",
+    "l2",
+    "ewc",
+    "er",
+    "multitask",
+    "packnet",
+    "lora",
+    "ia3",
+    "adapter",
+    "l2m",
+    "l2m-ia3",
+    "l2m-oracle",
+    *L2P,
+)
 FROZEN_BACKBONE = ("lora", "ia3", "adapter", "l2m", "l2m-ia3", "l2m-oracle", *L2P)
 KEY_MATCHED = ("l2m", "l2m-ia3", "l2m-oracle", *L2P)  # a pool of entries chosen by their keys, with the key pull
+TASK_ID = ("l2m-oracle", "packnet")  # methods told the task id at evaluation
 
 
 @dataclass
@@ -102,6 +119,8 @@ class Args:
     """er: episodes kept of each finished task (our choice: a tenth of a 100-episode task)"""
     replay_share: float = 0.5
     """er: share of each batch drawn from the kept episodes of earlier tasks (our choice)"""
+    packnet_retrain: float = 0.2
+    """packnet: share of a task's steps spent retraining the kept weights after pruning (our choice)"""
     frozen_dropout: bool = False
     """frozen-backbone methods: keep dropout on in the backbone (the authors' set_frozen_eval=False); off by
     default, see README deviation 15"""
@@ -249,6 +268,8 @@ def launch(args):
 def attach_method(model, args, n_tasks, device):
     """Freeze the backbone and attach what the modulation methods train. -> (pool settings, adapter settings),
     each None where the method has none."""
+    if args.method == "packnet":  # every weight matrix and embedding table is shared out; -1: owned by no task yet
+        model.owners = {n: torch.full_like(p, -1, dtype=torch.int8) for n, p in model.named_parameters() if p.dim() > 1}
     if args.method not in FROZEN_BACKBONE:
         return None, None
     for p in model.parameters():  # every pre-trained weight frozen, the action head included (the authors' freeze)
@@ -289,6 +310,8 @@ def load_inputs(args, run_dir):
     use_bf16(args.precision, resolve_device(args.device))
     if not 1 <= args.prompt_top_k <= args.prompt_pool_size or args.prompt_length < 1:
         raise ValueError("--prompt-top-k must be between 1 and --prompt-pool-size, and --prompt-length at least 1")
+    if not 0.0 < args.packnet_retrain < 1.0:
+        raise ValueError(f"--packnet-retrain must be in (0, 1) (got {args.packnet_retrain})")
     if args.replay_episodes < 1 or not 0.0 <= args.replay_share < 1.0:
         raise ValueError("--replay-episodes must be at least 1 and --replay-share in [0, 1)")
     if args.method == "l2m-oracle" and args.pool_size < len(names):
@@ -382,6 +405,40 @@ def batch_source(data, task_index, args, device):
     return sample
 
 
+def packnet_prune(model, task_index, n_tasks):
+    """PackNet after a task's training: of the weights no task owns yet, the task keeps the largest 1/(tasks left)
+    (all of them for the last task) and the rest are zeroed, free for the tasks to come (Mallya & Lazebnik 2018)."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, owner in model.owners.items():
+            p, free = params[name], model.owners[name] == -1
+            keep = round(int(free.sum()) / (n_tasks - task_index))
+            magnitude = p.abs().masked_fill(~free, -1.0).flatten()
+            owner.view(-1)[magnitude.topk(keep).indices] = task_index
+            p.masked_fill_(owner == -1, 0.0)
+
+
+def packnet_freezer(model, task_index, retraining):
+    """PackNet's constraint, applied after every optimizer step: weights owned by earlier tasks stay as they are, so
+    do (once pruned) the free ones, and every weight PackNet does not prune (biases, LayerNorms) after the first task.
+    -> restore(), which writes the frozen values back."""
+    snapshot = {n: p.detach().clone() for n, p in model.named_parameters()}
+    frozen = {}
+    for name, p in model.named_parameters():
+        owner = model.owners.get(name)
+        if owner is None:
+            frozen[name] = torch.tensor(task_index > 0, device=p.device)
+        else:
+            frozen[name] = owner != task_index if retraining else owner >= 0
+
+    def restore():
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.copy_(torch.where(frozen[name], snapshot[name], p))
+
+    return restore
+
+
 def train_task(step_fn, steps, name, pool_size):
     """`steps` calls of step_fn with a progress bar (a plain line every 500 steps in a log). -> (losses, seconds)."""
     start, losses = time.perf_counter(), []
@@ -439,6 +496,7 @@ def main(args):
     success, success_any, stages, first_task = [], [], [], 0
     if resumed is not None:
         model.load_state_dict({**model.state_dict(), **resumed["model"]})
+        model.owners = resumed.get("owners")
         anchor, importance = resumed.get("anchor"), resumed.get("importance")
         success, success_any, stages = resumed["success"], resumed["success_any"], resumed["stages"]
         first_task = len(success)
@@ -454,7 +512,8 @@ def main(args):
         f" | {device}, {torch.get_num_threads()} threads"
     )
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16(args.precision, device))
-    oracle = args.method == "l2m-oracle"
+    oracle = args.method == "l2m-oracle"  # the pool is told the task id, in training and evaluation
+    task_id_eval = args.method in TASK_ID
     start_all = time.perf_counter()
 
     # --- the sequence: train on each task, then evaluate every task and save -------------------------------
@@ -474,13 +533,24 @@ def main(args):
         name = f"task {task_index + 1}/{n_tasks} {task['name']}"
         if args.method == "multitask":
             name = f"stage {task_index + 1}/{n_tasks}, all tasks"
-        losses, train_seconds = train_task(step_fn, args.steps_per_task, name, model.pool.size if model.pool else 0)
+        if args.method == "packnet":  # train the free weights, keep the largest, retrain those: one task's steps
+            retrain_steps = round(args.packnet_retrain * args.steps_per_task)
+            losses, train_seconds = [], 0.0
+            for retraining, steps in ((False, args.steps_per_task - retrain_steps), (True, retrain_steps)):
+                restore = packnet_freezer(model, task_index, retraining)
+                phase_losses, seconds = train_task(lambda: (step_fn(), restore())[0], steps, name, 0)  # noqa: B023
+                losses, train_seconds = losses + phase_losses, train_seconds + seconds
+                if not retraining:
+                    packnet_prune(model, task_index, n_tasks)
+        else:
+            losses, train_seconds = train_task(step_fn, args.steps_per_task, name, model.pool.size if model.pool else 0)
         if args.method in ("l2", "ewc"):  # the next tasks are pulled toward the weights after this one
             anchor, importance = consolidate(model, args, dataset, pools, device, autocast, importance)
 
         model.eval()
         start = time.perf_counter()
-        results = evaluate_tasks(model, sequence, args.eval_episodes, device, list(range(n_tasks)) if oracle else None)
+        ids = list(range(n_tasks)) if task_id_eval else None
+        results = evaluate_tasks(model, sequence, args.eval_episodes, device, ids)
         set_training(model, frozen_eval)
         success.append([r["success"] for r in results])
         success_any.append([r["success_any"] for r in results])
@@ -510,6 +580,7 @@ def main(args):
                             step=pretrained["step"], sha256=backbone_hash),
             model={n: v for n, v in state.items() if n.startswith(("pool.", "adapters."))} if frozen else state,
             success=success, success_any=success_any, stages=stages, anchor=anchor, importance=importance,
+            owners=model.owners,
             rng=torch.get_rng_state(), cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
         ), out)  # fmt: skip
 

@@ -11,6 +11,7 @@ Action dim j is predicted from the output at the token before it: a^1 from R_t, 
 So the A outputs at positions 1..A of each timestep are the action predictions; s_t and r_t predict nothing.
 """
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -347,6 +348,7 @@ class DecisionTransformer(nn.Module):
         self.action_head = nn.Linear(C, cfg.n_bins)  # one head for every action dim
         self.pool = None  # a ModulationPool, attached by fine-tuning (L2M, LoRA, (IA)3)
         self.adapters = None  # per layer a pair of Adapters (attention, MLP), attached by fine-tuning (adapter)
+        self.owners = None  # PackNet: {weight name: int8 tensor of its shape, the task owning each weight, -1 none}
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: residual projections scaled by 1/sqrt(2L)
             if name.endswith("proj.weight"):
@@ -468,6 +470,22 @@ class DecisionTransformer(nn.Module):
             nn.ModuleList([Adapter(C, reduction), Adapter(C, reduction)]) for _ in self.blocks
         ).to(device)
 
+    @contextlib.contextmanager
+    def weights_of_task(self, task_id):
+        """PackNet: inside the block, the model task `task_id` was given, the weights of tasks <= task_id (the
+        weights later tasks own, and free ones, are zero); the weights are restored on leaving."""
+        params = dict(self.named_parameters())
+        saved = {name: params[name].detach().clone() for name in self.owners}
+        try:
+            with torch.no_grad():
+                for name, owner in self.owners.items():
+                    params[name].mul_((owner >= 0) & (owner <= task_id))
+            yield self
+        finally:
+            with torch.no_grad():
+                for name, value in saved.items():
+                    params[name].copy_(value)
+
     # --- acting ------------------------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -524,6 +542,7 @@ class DecisionTransformer(nn.Module):
                 model.pool = make_pool(model.cfg.n_layer, model.cfg.n_embd, **finetuned["pool_args"])
             if finetuned.get("adapter_args") is not None:
                 model.attach_adapters(**finetuned["adapter_args"])
+            model.owners = finetuned.get("owners")
             model.load_state_dict({**model.state_dict(), **finetuned["model"]})
         return model.eval()
 

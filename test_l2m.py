@@ -1327,6 +1327,32 @@ def test_er_mixes_a_fixed_few_episodes_of_each_earlier_task_into_every_batch(tmp
     assert (own[:, -1, 0] == 3).all(), "without replay a batch is the task's own"
 
 
+def test_packnet_keeps_the_largest_free_weights_and_freezes_what_earlier_tasks_own():
+    net = tiny_model().train()
+    finetune.attach_method(net, finetune.Args(method="packnet"), 2, torch.device("cpu"))
+    name = "blocks.1.mlp.fc.weight"
+    weight = dict(net.named_parameters())[name]
+    before = weight.detach().clone()
+    finetune.packnet_prune(net, 0, n_tasks=3)  # the first of 3 tasks keeps a third
+    owned = net.owners[name] == 0
+    assert owned.float().mean().item() == pytest.approx(1 / 3, abs=0.01)
+    assert before.abs()[owned].min() >= before.abs()[~owned].max()  # the largest magnitudes
+    assert torch.equal(weight[owned], before[owned]) and (weight[~owned] == 0).all()
+    restore = finetune.packnet_freezer(net, 1, retraining=False)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    for _ in range(3):
+        logits, _ = forward(net, random_batch())
+        optimizer.zero_grad()
+        logits.square().mean().backward()
+        optimizer.step()
+        restore()
+    assert torch.equal(weight[owned], before[owned]) and not (weight[~owned] == 0).all()  # free weights train
+    assert torch.equal(net.ln_f.weight, tiny_model().ln_f.weight)  # no pruning, so frozen after the first task
+    with net.weights_of_task(0):  # task 0 sees only its own weights
+        assert torch.equal(weight[owned], before[owned]) and (weight[~owned] == 0).all()
+    assert not (weight[~owned] == 0).all(), "leaving the block restores the weights"
+
+
 def test_multitask_batches_draw_every_task_of_the_sequence(tmp_path):
     data = marked_tasks(tmp_path, ["reach-v3", "push-v3", "window-close-v3"])
     sample = finetune.batch_source(data, 0, finetune.Args(method="multitask", batch_size=300), "cpu")
@@ -1335,14 +1361,21 @@ def test_multitask_batches_draw_every_task_of_the_sequence(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["ia3", "l2m-ia3", "adapter", "er", "multitask", "l2p-pv2", "l2p-pret", "l2p-pt"])
+@pytest.mark.parametrize(
+    "method", ["ia3", "l2m-ia3", "adapter", "er", "multitask", "packnet", "l2p-pv2", "l2p-pret", "l2p-pt"]
+)
 def test_each_further_method_trains_what_it_should_and_nothing_else(pipeline, method):
     steps = 150 if method == "l2m-ia3" else 20  # enough for its keys to part, as in l2m_run
     finetune.main(finetune_args(pipeline, method, method, steps_per_task=steps))
     ckpt = collect.load_checkpoint(str(pipeline / method / "ckpt.pt"))
     pretrained = collect.load_checkpoint(str(pipeline / "pretrain" / "ckpt.pt"))["model"]
     assert np.asarray(ckpt["success"]).shape == (2, 2)
-    if method in ("er", "multitask"):  # full fine-tuning: the backbone moves
+    if method == "packnet":  # task 0's weights are never touched again, so its evaluation repeats exactly
+        stages = ckpt["stages"]
+        assert stages[0]["results"][0]["returns"] == stages[1]["results"][0]["returns"]
+        owners = ckpt["owners"]["blocks.0.attn.qkv.weight"]
+        assert set(owners.unique().tolist()) == {0, 1} and 0.4 < (owners == 0).float().mean() < 0.6
+    if method in ("er", "multitask", "packnet"):  # full fine-tuning: the backbone moves
         assert not torch.equal(ckpt["model"]["blocks.0.attn.qkv.weight"], pretrained["blocks.0.attn.qkv.weight"])
         return
     prefix = "adapters." if method == "adapter" else "pool."
