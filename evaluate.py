@@ -421,7 +421,15 @@ def load_run(run_dir):
 # rendered in PSEC's Table 7 (Liu et al. 2025, arXiv 2502.05932); the metric is the authors' eval callback
 # (src/callbacks/custom_eval_callback.py in ml-jku/L2M), which reads info["success"] when the episode ends.
 RETENTION_SUBSETS = ("retain10", "retaindmc5")  # evaluate.py --tasks <subset> --out <run>/<subset>: read by --compare
-PAPER_CW10_SUCCESS = {"l2m": 0.65, "l2m-oracle": 0.77, "ewc": 0.17, "l2": 0.10}
+PAPER_CW10_SUCCESS = {
+    "l2m": 0.65,
+    "l2m-oracle": 0.77,
+    "l2p-pv2": 0.40,
+    "l2p-pret": 0.34,
+    "l2p-pt": 0.23,
+    "ewc": 0.17,
+    "l2": 0.10,
+}
 
 
 def compare_runs(run_dirs, reference_dir=""):
