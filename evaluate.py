@@ -449,7 +449,8 @@ def compare_runs(run_dirs, reference_dir=""):
 
     def label(run):
         same_method = [r["setting"] for _, r in runs if r["method"] == run["method"]]
-        varying = sorted(k for k in set().union(*same_method) if len({repr(s.get(k)) for s in same_method}) > 1)
+        shared = set.intersection(*(set(s) for s in same_method))  # a flag newer than a run: it ran at its default
+        varying = sorted(k for k in shared if len({repr(s[k]) for s in same_method}) > 1)
         return run["method"] + (
             " (" + ", ".join(f"{k}={run['setting'].get(k)}" for k in varying) + ")" if varying else ""
         )
