@@ -518,7 +518,8 @@ def compare_runs(run_dirs, reference_dir=""):
     if len({tuple(run["tasks"]) for _, run in runs}) == 1:  # one sequence: where each method gains and loses
         lines += [
             "",
-            "Per task, success at the last step (mean over runs): right after learning it | after the last task",
+            f"Per task, {'the normalized score' if dmc_only else 'success at the last step'} (mean over runs): "
+            "right after learning it | after the last task",
             "",
         ]
         lines += ["| task | " + " | ".join(by_method) + " |", "|---|" + "---|" * len(by_method)]
