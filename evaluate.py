@@ -136,7 +136,8 @@ def rollout(model, tasks, episodes, device, task_ids=None):
     """Roll out `episodes` episodes of each task, all in lockstep, one env each, batched through the model.
     tasks: checkpoint task entries (name, act_dim, reward_scale, target_return) of one horizon. task_ids: the
     oracle's task id per task, or None. -> per task: success at the last step (the paper's metric) and at any step
-    (Continual World's), returns, routing counts; and a timing dict: seconds spent building envs, in the model and
+    (Continual World's), returns, routing counts (l2m-stats: also the steps given to each inferred task id); and a
+    timing dict: seconds spent building envs, in the model and
     stepping, and every env's actions (for --bench). DMControl has no success: both hold the paper's metric there,
     the data-normalized score (R - R_random) / (R_data - R_random), 0 for random actions, 1 for the data's mean."""
     cfg = model.cfg
@@ -161,6 +162,10 @@ def rollout(model, tasks, episodes, device, task_ids=None):
         < torch.tensor([tasks[j]["act_dim"] for j in env_task], device=device)[:, None]
     )
     ids = None if task_ids is None else torch.as_tensor(np.asarray(task_ids)[env_task], device=device)  # (N,)
+    infer = ids is None and model.pool is not None and model.pool.tasks is not None  # l2m-stats: no task id given
+    if infer:
+        query_sum = torch.zeros(N, cfg.n_embd, device=device)  # (N, C): the episode's queries so far, summed
+        inferred = np.zeros((len(tasks), model.pool.n_groups), np.int64)  # steps of each task given to each task id
 
     obs = [env.reset(seed=EVAL_SEED + n % episodes)[0] for n, env in enumerate(envs)]
     total_return, success_any, success_last = np.zeros(N), np.zeros(N, bool), np.zeros(N, bool)
@@ -184,6 +189,10 @@ def rollout(model, tasks, episodes, device, task_ids=None):
         returns[:, -1], timesteps[:, -1], step_mask[:, -1] = return_to_go, t, True
 
         start = time.perf_counter()
+        if infer:  # l2m-stats: the task of the episode, inferred from the running mean of its queries (one per step)
+            query_sum += model.query(model.embed(states, returns, bins, rewards, timesteps), step_mask)
+            ids = model.pool.tasks.infer(query_sum / (t + 1))  # (N,)
+            np.add.at(inferred, (env_task, ids.cpu().numpy()), 1)
         action_bins, route = model.act(states, returns, bins, rewards, timesteps, step_mask, act_dim, ids)
         actions_taken[t] = tokenizer.decode(action_bins).cpu().numpy()  # (N, act_dim) bin centres
         model_seconds += time.perf_counter() - start
@@ -222,6 +231,7 @@ def rollout(model, tasks, episodes, device, task_ids=None):
                 returns=total_return[mine].tolist(),
                 routing=routing[j].tolist(),
                 env_steps=episodes * length,
+                **(dict(inferred=inferred[j].tolist()) if infer else {}),
             )
         )
     timing = dict(

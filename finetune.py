@@ -15,6 +15,8 @@ Methods (--method):
   l2m         L2M: a pool of key-matched low-rank modulators, backbone and action head frozen
   l2m-ia3     L2M with (IA)3 vectors as the pool's entries (the authors' l2m_ia3.yaml)
   l2m-oracle  L2M with the pool split into one group per task, masked by the task id
+  l2m-stats   l2m-oracle's pool and training, evaluated without the task id: the task is inferred from the running
+              mean of the episode's queries, by Gaussian statistics of each task's training queries (beyond the paper)
   l2p-pv2     L2P: a pool of key-matched prompts, the top 5 prepended to every layer's input (P-tuning v2)
   l2p-pret    L2P with the prompts as every layer's attention key/value prefixes (prefix tuning)
   l2p-pt      L2P with the prompts prepended to the input only (prompt tuning)
@@ -62,10 +64,13 @@ METHODS = (
     "l2m",
     "l2m-ia3",
     "l2m-oracle",
+    "l2m-stats",
     *L2P,
 )
-FROZEN_BACKBONE = ("lora", "ia3", "adapter", "l2m", "l2m-ia3", "l2m-oracle", *L2P)
-KEY_MATCHED = ("l2m", "l2m-ia3", "l2m-oracle", *L2P)  # a pool of entries chosen by their keys, with the key pull
+FROZEN_BACKBONE = ("lora", "ia3", "adapter", "l2m", "l2m-ia3", "l2m-oracle", "l2m-stats", *L2P)
+KEY_MATCHED = ("l2m", "l2m-ia3", "l2m-oracle", "l2m-stats", *L2P)  # entries chosen by their keys, with the key pull
+GROUPED = ("l2m-oracle", "l2m-stats")  # the pool split into one group per task, trained with the task's index
+STATS_WINDOWS = 4096  # l2m-stats: training windows whose queries fit a task's statistics (our choice)
 TASK_ID = ("l2m-oracle", "packnet")  # methods told the task id at evaluation
 
 
@@ -96,13 +101,13 @@ class Args:
     eval_episodes: int = 10
     """episodes per task at each evaluation (authors: 5)"""
     pool_size: int = 30
-    """l2m, l2m-ia3, l2m-oracle: pool entries (l2m_lora.yaml, l2m_ia3.yaml)"""
+    """l2m, l2m-ia3, l2m-oracle, l2m-stats: pool entries (l2m_lora.yaml, l2m_ia3.yaml)"""
     rank: int = 8
     """rank of the low-rank modulators (l2m_lora.yaml)"""
     alpha: float = 16.0
     """modulator scaling numerator: scale = alpha / rank (authors: 2 * rank)"""
     pull_coef: float = 0.5
-    """l2m, l2m-ia3, l2m-oracle: weight of the key-pull term (pull_constraint_coef)"""
+    """l2m, l2m-ia3, l2m-oracle, l2m-stats: weight of the key-pull term (pull_constraint_coef)"""
     adapter_reduction: int = 16
     """adapter: bottleneck width = n_embd / this (the authors' reduction_factor)"""
     prompt_pool_size: int = 100
@@ -288,8 +293,9 @@ def attach_method(model, args, n_tasks, device):
         pool_size=args.pool_size if args.method in KEY_MATCHED else 1,
         rank=args.rank,
         alpha=args.alpha,
-        n_groups=n_tasks if args.method == "l2m-oracle" else 0,
+        n_groups=n_tasks if args.method in GROUPED else 0,
         kind="ia3" if args.method in ("ia3", "l2m-ia3") else "lora",
+        **(dict(task_stats=True) if args.method == "l2m-stats" else {}),
     )
     model.pool = make_pool(model.cfg.n_layer, model.cfg.n_embd, **pool_args).to(device)
     return pool_args, None
@@ -314,9 +320,9 @@ def load_inputs(args, run_dir):
         raise ValueError(f"--packnet-retrain must be in (0, 1) (got {args.packnet_retrain})")
     if args.replay_episodes < 1 or not 0.0 <= args.replay_share < 1.0:
         raise ValueError("--replay-episodes must be at least 1 and --replay-share in [0, 1)")
-    if args.method == "l2m-oracle" and args.pool_size < len(names):
+    if args.method in GROUPED and args.pool_size < len(names):
         raise ValueError(
-            f"l2m-oracle splits the pool into one group per task: --pool-size {args.pool_size} < {len(names)} tasks"
+            f"{args.method} splits the pool into one group per task: --pool-size {args.pool_size} < {len(names)} tasks"
         )
     pretrained = load_checkpoint(args.ckpt, kinds=("pretrain",))
     resumed = None
@@ -403,6 +409,20 @@ def batch_source(data, task_index, args, device):
         )
 
     return sample
+
+
+@torch.no_grad()
+def fit_task_statistics(model, task_index, dataset, pools, args, device):
+    """l2m-stats, after a task: the mean and covariance of its training windows' queries (TaskStatistics). Draws from
+    its own generator, so the run trains exactly as l2m-oracle with the same seed."""
+    rng = np.random.default_rng([args.seed, task_index, 2])
+    queries = []
+    for _ in range(STATS_WINDOWS // 512):
+        inputs, _, _ = dataset.sample(512, pools, device, rng)
+        tokens = model.embed(inputs["states"], inputs["returns"], inputs["action_bins"], inputs["rewards"],
+                             inputs["timesteps"])  # fmt: skip
+        queries.append(model.query(tokens, inputs["step_mask"]))  # (512, C)
+    model.pool.tasks.fit(task_index, torch.cat(queries))
 
 
 def packnet_prune(model, task_index, n_tasks):
@@ -512,7 +532,7 @@ def main(args):
         f" | {device}, {torch.get_num_threads()} threads"
     )
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16(args.precision, device))
-    oracle = args.method == "l2m-oracle"  # the pool is told the task id, in training and evaluation
+    oracle = args.method in GROUPED  # the pool is told the task index in training (the oracle also in evaluation)
     task_id_eval = args.method in TASK_ID
     start_all = time.perf_counter()
 
@@ -529,7 +549,7 @@ def main(args):
         sample = batch_source(data, task_index, args, device)
         step_fn = functools.partial(train_step, model, optimizer, sample, args, task_ids, anchor, importance, autocast)
         if args.bench:
-            return bench(model, sequence, step_fn, args, device, oracle)
+            return bench(model, sequence, step_fn, args, device, task_id_eval)
         name = f"task {task_index + 1}/{n_tasks} {task['name']}"
         if args.method == "multitask":
             name = f"stage {task_index + 1}/{n_tasks}, all tasks"
@@ -548,6 +568,8 @@ def main(args):
             anchor, importance = consolidate(model, args, dataset, pools, device, autocast, importance)
 
         model.eval()
+        if model.pool is not None and model.pool.tasks is not None:  # l2m-stats: the statistics task inference uses
+            fit_task_statistics(model, task_index, dataset, pools, args, device)
         start = time.perf_counter()
         ids = list(range(n_tasks)) if task_id_eval else None
         results = evaluate_tasks(model, sequence, args.eval_episodes, device, ids)
@@ -570,6 +592,9 @@ def main(args):
             f"[{' '.join(f'{s:.1f}' for s in success_any[-1])}] | {train_seconds:.0f} s training "
             f"({1e3 * train_seconds / args.steps_per_task:.0f} ms/step), {stages[-1]['eval_seconds']:.0f} s evaluating"
         )
+        if "inferred" in results[0]:  # l2m-stats: how often each learned task's steps were given its own id
+            right = [r["inferred"][j] / sum(r["inferred"]) for j, r in enumerate(results[: task_index + 1])]
+            print(f"  task inferred right (share of steps): [{' '.join(f'{a:.2f}' for a in right)}]")
         state = model.state_dict()
         save_atomic(dict(
             kind="finetune", method=args.method, args=asdict(args), command=command_line(args), tasks=sequence,
@@ -588,7 +613,7 @@ def main(args):
     print(f"{time.perf_counter() - start_all:.0f} s in all | wrote {out} and {run_dir}/results.json, results.md, *.png")
 
 
-def bench(model, sequence, step_fn, args, device, oracle):
+def bench(model, sequence, step_fn, args, device, task_id_eval):
     """--bench N: ms/step and tokens/s of N training steps (after 3 warm-up steps), then one evaluation of the
     sequence with its model/simulator split. Writes nothing."""
     tokens_per_step = args.batch_size * model.cfg.context_len * model.cfg.tokens_per_step
@@ -605,7 +630,7 @@ def bench(model, sequence, step_fn, args, device, oracle):
     model.eval()
     timings, start = [], time.perf_counter()
     results = evaluate_tasks(
-        model, sequence, args.eval_episodes, device, list(range(len(sequence))) if oracle else None, timings
+        model, sequence, args.eval_episodes, device, list(range(len(sequence))) if task_id_eval else None, timings
     )
     total = time.perf_counter() - start
     steps = sum(r["env_steps"] for r in results)

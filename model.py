@@ -60,17 +60,56 @@ POOL_KINDS = ("lora", "ia3")  # what a modulation entry holds: low-rank residual
 PROMPT_KINDS = ("pt", "pv2", "pret")  # L2P's prompts: at the input, at every layer's input, as attention prefixes
 
 
+class TaskStatistics(nn.Module):
+    """Task inference without a task id (l2m-stats, beyond the paper): each task's query distribution, a Gaussian
+    with its own mean and covariance fitted to the queries of its training windows at the end of the task; a query
+    goes to the task under which it is most likely (quadratic discriminant analysis). The queries come from frozen
+    weights only, so a task's statistics never go stale. Why not keys: L2M's keys are pulled toward the queries by
+    the loss, and on CW10 later tasks' keys took over earlier tasks' windows (push vs push-wall)."""
+
+    def __init__(self, n_tasks, n_embd):
+        super().__init__()
+        T, C = n_tasks, n_embd
+        self.register_buffer("mean", torch.zeros(T, C))
+        self.register_buffer("precision", torch.eye(C).repeat(T, 1, 1))  # (T, C, C): inverse covariance
+        self.register_buffer("logdet", torch.zeros(T))  # log det of each covariance
+        self.register_buffer("fitted", torch.zeros(T, dtype=torch.bool))
+
+    def fit(self, task_index, queries):
+        """queries (N, C) of the task's training windows. The covariance is shrunk toward its mean variance by
+        SHRINK, so a task whose queries span fewer than C directions still has an invertible one."""
+        q = queries.double()
+        centred = q - q.mean(0)
+        cov = centred.T @ centred / max(len(q) - 1, 1)  # (C, C)
+        cov = cov + SHRINK * cov.diagonal().mean() * torch.eye(len(cov), dtype=cov.dtype, device=cov.device)
+        self.mean[task_index] = q.mean(0).float()
+        self.precision[task_index] = torch.linalg.inv(cov).float()
+        self.logdet[task_index] = torch.linalg.slogdet(cov)[1].float()
+        self.fitted[task_index] = True
+
+    def infer(self, query):
+        """query (B, C) -> the most likely fitted task (B,): argmin of (q - mu)^T S^-1 (q - mu) + log det S."""
+        d = query.float()[:, None, :] - self.mean[None]  # (B, T, C)
+        nll = torch.einsum("btc,tcd,btd->bt", d, self.precision, d) + self.logdet  # (B, T)
+        return nll.masked_fill(~self.fitted, float("inf")).argmin(-1)
+
+
+SHRINK = 1e-3  # TaskStatistics: covariance + SHRINK * mean variance * I (our choice)
+
+
 class KeyedPool(nn.Module):
     """P entries chosen by their keys, the part L2M shares with L2P (Schmied et al. 2023, Sec. 3; the authors'
     L2PPrompt): query = masked mean of the embedded state tokens; cosine similarity to every key; the top_k entries
     per sample. Training from the second task on, the score becomes ((cos + 1) / 2) * inv, inv = normalized
     1 / (selection frequency so far + 1e-6), refreshed at each task switch, so a new task takes entries no earlier
-    task used. n_groups > 0 (the oracle): entries split into n_groups contiguous groups, masked by the task id."""
+    task used. n_groups > 0 (the oracle): entries split into n_groups contiguous groups, masked by the task id;
+    with task_stats (l2m-stats), the pool also learns to infer that id from the query (TaskStatistics)."""
 
-    def __init__(self, pool_size, n_embd, n_groups=0, top_k=1):
+    def __init__(self, pool_size, n_embd, n_groups=0, top_k=1, task_stats=False):
         super().__init__()
         P = pool_size
         self.n_groups, self.top_k = n_groups, top_k
+        self.tasks = TaskStatistics(n_groups, n_embd) if task_stats else None
         self.keys = nn.Parameter(torch.empty(P, n_embd).uniform_(-1.0, 1.0))  # init_keys: uniform
         self.register_buffer("counts", torch.zeros(P))  # running mean of the per-batch selection histogram
         self.register_buffer("n_batches", torch.zeros((), dtype=torch.long))
@@ -111,8 +150,8 @@ class ModulationPool(KeyedPool):
     scale K, V and the MLP's hidden activations ((IA)3, Liu et al. 2022; the authors' L2M-(IA)3). Top-1 selection
     (KeyedPool). A pool of one entry is one shared set (LoRA, (IA)3)."""
 
-    def __init__(self, n_layer, n_embd, pool_size=30, rank=8, alpha=16.0, n_groups=0, kind="lora"):
-        super().__init__(pool_size, n_embd, n_groups)
+    def __init__(self, n_layer, n_embd, pool_size=30, rank=8, alpha=16.0, n_groups=0, kind="lora", task_stats=False):
+        super().__init__(pool_size, n_embd, n_groups, task_stats=task_stats)
         if kind not in POOL_KINDS:
             raise ValueError(f"unknown modulator kind {kind!r}: use one of {', '.join(POOL_KINDS)}")
         P, L, C, r = pool_size, n_layer, n_embd, rank

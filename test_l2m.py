@@ -724,6 +724,28 @@ def test_oracle_masks_entries_of_other_tasks():
     assert torch.equal(routing["index"] // 2, task_ids)
 
 
+def test_task_statistics_infer_the_task_whose_gaussian_fits_best():
+    gen = torch.Generator().manual_seed(0)
+    spread = torch.ones(4)
+    tasks = [  # (mean, per-dimension spread): tasks 0 and 1 differ only in their spread, as push and push-wall do
+        (torch.zeros(4), 0.1 * spread),
+        (torch.zeros(4), 2.0 * spread),
+        (torch.tensor([5.0, 0.0, 0.0, 0.0]), 0.1 * spread),
+    ]
+    sample = [mu + sd * torch.randn(2000, 4, generator=gen) for mu, sd in tasks]
+    stats = M.TaskStatistics(n_tasks=4, n_embd=4)
+    assert not stats.fitted.any()
+    for i, queries in enumerate(sample[:2]):
+        stats.fit(i, queries[:1000])
+    first_two = [stats.infer(q[1000:]) for q in sample[:2]]
+    assert set(torch.cat(first_two).tolist()) <= {0, 1}, "only fitted tasks may be inferred"
+    stats.fit(2, sample[2][:1000])
+    for i, queries in enumerate(sample):  # queries it was not fitted on
+        accuracy = (stats.infer(queries[1000:]) == i).float().mean().item()
+        assert accuracy > 0.97, (i, accuracy)
+    assert stats.infer(torch.tensor([[0.0, 0.0, 0.0, 0.05]])).item() == 0  # the tight task explains a central query
+
+
 PROMPTS = [{"pool_size": 6, "length": 3, "top_k": 2, "kind": kind} for kind in M.PROMPT_KINDS]
 
 
@@ -1246,6 +1268,26 @@ def test_the_oracle_evaluates_each_task_with_its_own_group_of_entries(pipeline, 
 
 
 @pytest.mark.slow
+def test_l2m_stats_trains_as_the_oracle_and_infers_the_task_without_its_id(pipeline, tmp_path):
+    for method in ("l2m-oracle", "l2m-stats"):
+        finetune.main(finetune_args(pipeline, method, f"same-{method}", steps_per_task=10))
+    oracle, stats = (
+        collect.load_checkpoint(str(pipeline / f"same-{m}" / "ckpt.pt")) for m in ("l2m-oracle", "l2m-stats")
+    )
+    for name, value in oracle["model"].items():  # fitting the statistics draws nothing the training draws
+        assert torch.equal(stats["model"][name], value), f"{name} differs from the oracle's"
+    assert stats["model"]["pool.tasks.fitted"].all()
+    evaluate.main(evaluate.Args(ckpt=str(pipeline / "same-l2m-stats" / "ckpt.pt"), episodes=1, out=str(tmp_path)))
+    group_size = 6 // 2
+    afterwards = json.loads((tmp_path / "results.json").read_text())["results"]
+    for results in (stats["stages"][-1]["results"], afterwards):  # no task id given, in either evaluation
+        for task_index, r in enumerate(results):
+            assert r["inferred"][task_index] >= 0.9 * sum(r["inferred"]), (r["task"], r["inferred"])
+            used = np.flatnonzero(r["routing"])
+            assert sum(r["routing"][e] for e in used if e // group_size == task_index) >= 0.9 * sum(r["routing"])
+
+
+@pytest.mark.slow
 def test_a_run_notices_that_its_backbone_file_changed(pipeline, l2m_run, tmp_path):
     ckpt = collect.load_checkpoint(str(l2m_run / "ckpt.pt"))
     backbone = collect.load_checkpoint(ckpt["pretrained"]["path"])
@@ -1713,13 +1755,16 @@ def test_methods_and_seeds_run_side_by_side_each_in_its_own_folder(pipeline, tmp
         assert not {"seed", "run_dir", "jobs", "seeds", "methods"} & set(settings[0])
 
 
-@pytest.mark.parametrize("folder, reference, at_least", [("cw10", "l2m-oracle-cw10-s0", 13), ("quick", "", 4)])
-def test_the_readme_results_tables_regenerate_from_the_result_files(folder, reference, at_least):
+@pytest.mark.parametrize(
+    "folder, reference, n_runs, n_rows",
+    [("cw10", "l2m-oracle-cw10-s0", 12, 13), ("quick", "", 4, 4)],
+)
+def test_the_readme_results_tables_regenerate_from_the_result_files(folder, reference, n_runs, n_rows):
     runs = sorted(glob.glob(os.path.join(HERE, "results", folder, "*-s*")))  # every published run
     table = evaluate.compare_runs(runs, reference_dir=reference and os.path.join(HERE, "results", folder, reference))
     readme = open(os.path.join(HERE, "README.md")).read()
     rows = [line for line in table.splitlines() if line.startswith("| ")]
     missing = [row for row in rows if row not in readme]
-    assert len(runs) >= 4 and len(rows) >= at_least and not missing, (
+    assert len(runs) >= n_runs and len(rows) >= n_rows and not missing, (
         f"README's tables differ from results/{folder}: {missing}"
     )
