@@ -44,6 +44,7 @@ from collect import (
 from model import ActionTokenizer, DecisionTransformer, resolve_device
 
 EVAL_SEED = 10_000  # episode i of every task starts from reset(seed=EVAL_SEED + i): disjoint from collection seeds
+TASK_ID = ("l2m-oracle", "packnet")  # methods told the task id at evaluation
 
 
 @dataclass
@@ -115,7 +116,7 @@ def known_tasks(ckpt, base=None):
         return {t["name"]: t for t in ckpt["tasks"]}, {}
     base = base or load_backbone(ckpt, ckpt["pretrained"]["path"])
     tasks = {**{t["name"]: t for t in base["tasks"]}, **{t["name"]: t for t in ckpt["tasks"]}}
-    told_task_id = ckpt["method"] in ("l2m-oracle", "packnet")
+    told_task_id = ckpt["method"] in TASK_ID
     oracle = {t["name"]: i for i, t in enumerate(ckpt["tasks"])} if told_task_id else {}
     return tasks, oracle
 
@@ -341,6 +342,23 @@ def routing_table(results):
     return "\n".join(lines)
 
 
+def routing_accuracy(stages):
+    """Per task j, how well its evaluation steps found what it learned, right after learning it (stage j) and after
+    the last task: with task inference (l2m-stats), the share of its steps given its own task id; otherwise the
+    share of its steps that went to the entries that took at least 10% of them at stage j (its own entries, as far
+    as evaluation shows them: which entries a task trained is not recorded). -> (name, at stage j, at the end)."""
+    rows = []
+    for j, stage in enumerate(stages):
+        own, final = stage["results"][j], stages[-1]["results"][j]
+        if "inferred" in own:
+            at_stage, at_end = (r["inferred"][j] / sum(r["inferred"]) for r in (own, final))
+        else:
+            mine = np.asarray(own["routing"]) >= 0.1 * sum(own["routing"])  # (P,)
+            at_stage, at_end = (np.asarray(r["routing"])[mine].sum() / sum(r["routing"]) for r in (own, final))
+        rows.append((own["task"], float(at_stage), float(at_end)))
+    return rows
+
+
 def success_matrix_table(names, S):
     header = "| after \\ on | " + " | ".join(n.removesuffix("-v3") for n in names) + " |"
     lines = [header, "|---|" + "---|" * len(names)]
@@ -390,6 +408,22 @@ def sequence_report(ckpt):
             "## Routing after the last task (share of evaluation steps per pool entry)",
             "",
             routing_table(final),
+        ]
+    if ckpt["pool_args"] is not None and ckpt["pool_args"]["pool_size"] > 1 and ckpt["method"] not in TASK_ID:
+        inferred = "inferred" in final[0]
+        text += [
+            "",
+            "## Routing accuracy: "
+            + (
+                "the share of each task's evaluation steps given its own task id (inferred)"
+                if inferred
+                else "the share of each task's evaluation steps that went to the entries it used right after it was "
+                "learned (those with at least 10% of its steps then)"
+            ),
+            "",
+            "| task | right after learning it | after the last task |",
+            "|---|---|---|",
+            *(f"| {name} | {a:.2f} | {b:.2f} |" for name, a, b in routing_accuracy(ckpt["stages"])),
         ]
     return metrics, "\n".join(text) + "\n"
 

@@ -44,7 +44,7 @@ import torch
 from tqdm import tqdm
 
 from collect import check_output, fields_from, file_sha256, load_checkpoint, parse_args, resolve_tasks, save_atomic
-from evaluate import build_model, evaluate_tasks, write_sequence_report
+from evaluate import TASK_ID, build_model, evaluate_tasks, write_sequence_report
 from model import action_loss, make_pool, resolve_device, use_bf16
 from pretrain import load_data
 
@@ -71,7 +71,6 @@ FROZEN_BACKBONE = ("lora", "ia3", "adapter", "l2m", "l2m-ia3", "l2m-oracle", "l2
 KEY_MATCHED = ("l2m", "l2m-ia3", "l2m-oracle", "l2m-stats", *L2P)  # entries chosen by their keys, with the key pull
 GROUPED = ("l2m-oracle", "l2m-stats")  # the pool split into one group per task, trained with the task's index
 STATS_WINDOWS = 4096  # l2m-stats: training windows whose queries fit a task's statistics (our choice)
-TASK_ID = ("l2m-oracle", "packnet")  # methods told the task id at evaluation
 
 
 @dataclass

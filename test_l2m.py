@@ -746,6 +746,20 @@ def test_task_statistics_infer_the_task_whose_gaussian_fits_best():
     assert stats.infer(torch.tensor([[0.0, 0.0, 0.0, 0.05]])).item() == 0  # the tight task explains a central query
 
 
+def test_routing_accuracy_follows_each_task_from_its_own_stage_to_the_end():
+    def stage(*routings):
+        return dict(results=[dict(task=f"t{j}", routing=r) for j, r in enumerate(routings)])
+
+    # task 0 used entries 0 (95%) and 1 (5%, below the 10% that makes an entry its own) when learned; task 1 took
+    # half of task 0's steps afterwards
+    stages = [stage([95, 5, 0], [0, 0, 100]), stage([45, 5, 50], [0, 0, 100])]
+    assert evaluate.routing_accuracy(stages) == [("t0", 0.95, 0.45), ("t1", 1.0, 1.0)]
+    for st, inferred in zip(stages, ([[10, 0], [3, 7]], [[6, 4], [0, 10]])):  # l2m-stats: the inferred task ids
+        for r, counts in zip(st["results"], inferred):
+            r["inferred"] = counts
+    assert evaluate.routing_accuracy(stages) == [("t0", 1.0, 0.6), ("t1", 1.0, 1.0)]
+
+
 PROMPTS = [{"pool_size": 6, "length": 3, "top_k": 2, "kind": kind} for kind in M.PROMPT_KINDS]
 
 
@@ -1277,6 +1291,7 @@ def test_l2m_stats_trains_as_the_oracle_and_infers_the_task_without_its_id(pipel
     for name, value in oracle["model"].items():  # fitting the statistics draws nothing the training draws
         assert torch.equal(stats["model"][name], value), f"{name} differs from the oracle's"
     assert stats["model"]["pool.tasks.fitted"].all()
+    assert "given its own task id" in (pipeline / "same-l2m-stats" / "results.md").read_text()
     evaluate.main(evaluate.Args(ckpt=str(pipeline / "same-l2m-stats" / "ckpt.pt"), episodes=1, out=str(tmp_path)))
     group_size = 6 // 2
     afterwards = json.loads((tmp_path / "results.json").read_text())["results"]
