@@ -543,7 +543,8 @@ def main(args):
         if os.path.exists(metrics_path):
             plot_pretraining(metrics_path, os.path.join(os.path.dirname(args.out) or ".", "curves.png"))
         print(f"wrote {args.out}" + (f" and {os.path.dirname(args.out) or '.'}/curves.png" if heldout else ""))
-    if world_size > 1:
+    if world_size > 1:  # tear down together: rank 1 once aborted in gloo's teardown while rank 0 was still writing
+        dist.barrier()
         dist.destroy_process_group()
 
 
