@@ -138,9 +138,9 @@ def rollout(model, tasks, episodes, device, task_ids=None):
     tasks: checkpoint task entries (name, act_dim, reward_scale, target_return) of one horizon. task_ids: the
     oracle's task id per task, or None. -> per task: success at the last step (the paper's metric) and at any step
     (Continual World's), returns, routing counts (l2m-stats: also the steps given to each inferred task id); and a
-    timing dict: seconds spent building envs, in the model and
-    stepping, and every env's actions (for --bench). DMControl has no success: both hold the paper's metric there,
-    the data-normalized score (R - R_random) / (R_data - R_random), 0 for random actions, 1 for the data's mean."""
+    timing dict: seconds spent building envs, in the model and stepping, and every env's actions (for --bench).
+    DMControl has no success: both hold the paper's metric there, the data-normalized score
+    (R - R_random) / (R_data - R_random), 0 for random actions, 1 for the data's mean."""
     cfg = model.cfg
     K, A, N = cfg.context_len, cfg.act_dim, episodes * len(tasks)
     start = time.perf_counter()

@@ -44,7 +44,7 @@ import torch
 from tqdm import tqdm
 
 from collect import check_output, fields_from, file_sha256, load_checkpoint, parse_args, resolve_tasks, save_atomic
-from evaluate import TASK_ID, build_model, evaluate_tasks, write_sequence_report
+from evaluate import TASK_ID, build_model, evaluate_tasks, routing_accuracy, write_sequence_report
 from model import action_loss, make_pool, resolve_device, use_bf16
 from pretrain import load_data
 
@@ -531,7 +531,7 @@ def main(args):
         f" | {device}, {torch.get_num_threads()} threads"
     )
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16(args.precision, device))
-    oracle = args.method in GROUPED  # the pool is told the task index in training (the oracle also in evaluation)
+    grouped = args.method in GROUPED  # the pool is told the task index in training (the oracle also in evaluation)
     task_id_eval = args.method in TASK_ID
     start_all = time.perf_counter()
 
@@ -540,7 +540,7 @@ def main(args):
         task, dataset, pools = data[task_index]
         if model.pool is not None:
             model.pool.start_task(task_index)  # L2M: refresh the count penalty
-        task_ids = torch.full((args.batch_size,), task_index, device=device) if oracle else None
+        task_ids = torch.full((args.batch_size,), task_index, device=device) if grouped else None
         # A fresh optimizer per task: with Adam's moments carried over, the modulators of finished tasks would keep
         # moving on their momentum while the next task trains (zero gradient, non-zero update); fresh moments leave
         # every entry the new task does not select bit-identical. The authors keep one optimizer for the sequence.
@@ -592,8 +592,8 @@ def main(args):
             f"({1e3 * train_seconds / args.steps_per_task:.0f} ms/step), {stages[-1]['eval_seconds']:.0f} s evaluating"
         )
         if "inferred" in results[0]:  # l2m-stats: how often each learned task's steps were given its own id
-            right = [r["inferred"][j] / sum(r["inferred"]) for j, r in enumerate(results[: task_index + 1])]
-            print(f"  task inferred right (share of steps): [{' '.join(f'{a:.2f}' for a in right)}]")
+            right = " ".join(f"{now:.2f}" for _, _, now in routing_accuracy(stages))
+            print(f"  task inferred right (share of steps): [{right}]")
         state = model.state_dict()
         save_atomic(dict(
             kind="finetune", method=args.method, args=asdict(args), command=command_line(args), tasks=sequence,

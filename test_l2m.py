@@ -726,11 +726,10 @@ def test_oracle_masks_entries_of_other_tasks():
 
 def test_task_statistics_infer_the_task_whose_gaussian_fits_best():
     gen = torch.Generator().manual_seed(0)
-    spread = torch.ones(4)
-    tasks = [  # (mean, per-dimension spread): tasks 0 and 1 differ only in their spread, as push and push-wall do
-        (torch.zeros(4), 0.1 * spread),
-        (torch.zeros(4), 2.0 * spread),
-        (torch.tensor([5.0, 0.0, 0.0, 0.0]), 0.1 * spread),
+    tasks = [  # (mean, spread): tasks 0 and 1 differ only in their spread, as push and push-wall do
+        (torch.zeros(4), 0.1),
+        (torch.zeros(4), 2.0),
+        (torch.tensor([5.0, 0.0, 0.0, 0.0]), 0.1),
     ]
     sample = [mu + sd * torch.randn(2000, 4, generator=gen) for mu, sd in tasks]
     stats = M.TaskStatistics(n_tasks=4, n_embd=4)
