@@ -96,7 +96,8 @@ class Args:
     grad_clip: float = 0.25
     """gradient-norm clip (authors)"""
     precision: str = "auto"
-    """auto | bf16 | fp32; auto = bf16 autocast where the hardware has it, else fp32"""
+    """auto | bf16 | fp32, for training and for acting in the evaluations; auto = bf16 autocast where the hardware
+    has it, else fp32"""
     eval_episodes: int = 10
     """episodes per task at each evaluation (authors: 5)"""
     pool_size: int = 30
@@ -530,7 +531,8 @@ def main(args):
         f"{args.method} on {n_tasks} tasks: {trainable:,} trainable of {total:,} parameters ({trainable / total:.1%})"
         f" | {device}, {torch.get_num_threads()} threads"
     )
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16(args.precision, device))
+    bf16 = use_bf16(args.precision, device)  # training under bf16 autocast, and acting in the evaluations
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     grouped = args.method in GROUPED  # the pool is told the task index in training (the oracle also in evaluation)
     task_id_eval = args.method in TASK_ID
     start_all = time.perf_counter()
@@ -571,7 +573,7 @@ def main(args):
             fit_task_statistics(model, task_index, dataset, pools, args, device)
         start = time.perf_counter()
         ids = list(range(n_tasks)) if task_id_eval else None
-        results = evaluate_tasks(model, sequence, args.eval_episodes, device, ids)
+        results = evaluate_tasks(model, sequence, args.eval_episodes, device, ids, bf16=bf16)
         set_training(model, frozen_eval)
         success.append([r["success"] for r in results])
         success_any.append([r["success_any"] for r in results])
@@ -629,7 +631,13 @@ def bench(model, sequence, step_fn, args, device, task_id_eval):
     model.eval()
     timings, start = [], time.perf_counter()
     results = evaluate_tasks(
-        model, sequence, args.eval_episodes, device, list(range(len(sequence))) if task_id_eval else None, timings
+        model,
+        sequence,
+        args.eval_episodes,
+        device,
+        list(range(len(sequence))) if task_id_eval else None,
+        timings,
+        use_bf16(args.precision, device),
     )
     total = time.perf_counter() - start
     steps = sum(r["env_steps"] for r in results)

@@ -1683,6 +1683,37 @@ def test_success_is_scored_at_the_last_step_and_at_any_step(monkeypatch):
     assert result["success"] == 0.0 and result["success_any"] == 1.0 and result["mean_return"] == 200.0
 
 
+def test_evaluation_acts_in_the_precision_it_is_given(monkeypatch):
+    monkeypatch.setattr(evaluate, "make_env", lambda name, seed=0: ScriptedSuccessEnv())
+    monkeypatch.setattr(evaluate, "_ENVS", {})
+    task = dict(name="reach-v3", act_dim=4, reward_scale=200.0, target_return=200.0)
+    net, seen = tiny_model(), []
+    net.action_head.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+    for bf16, dtype in ((False, torch.float32), (True, torch.bfloat16)):
+        seen.clear()
+        evaluate.evaluate_tasks(net, [task], 2, torch.device("cpu"), bf16=bf16)
+        assert seen and set(seen) == {dtype}
+
+
+def test_bf16_acting_picks_the_fp32_actions_almost_everywhere():
+    torch.manual_seed(0)
+    net = M.DecisionTransformer(M.DTConfig(n_layer=2, n_head=2, n_embd=64, act_dim=4)).eval()
+    B, K, cfg = 256, net.cfg.context_len, net.cfg
+    window = (
+        torch.randn(B, K, cfg.state_dim),
+        torch.randn(B, K),
+        torch.randint(0, cfg.n_bins, (B, K, cfg.act_dim)),
+        torch.randn(B, K),
+        torch.arange(K).repeat(B, 1),
+        torch.ones(B, K, dtype=torch.bool),
+    )
+    with torch.no_grad():
+        fp32 = net.act(*window, 4)[0]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = net.act(*window, 4)[0]
+    assert (fp32 == bf16).float().mean() > 0.9  # only near-ties of the logits may flip
+
+
 @pytest.mark.slow
 def test_lockstep_evaluation_of_several_tasks_equals_one_task_at_a_time():
     torch.manual_seed(0)
