@@ -139,8 +139,9 @@ def eval_env(name, i):
 def rollout(model, tasks, episodes, device, task_ids=None, bf16=False):
     """Roll out `episodes` episodes of each task, all in lockstep, one env each, batched through the model.
     tasks: checkpoint task entries (name, act_dim, reward_scale, target_return) of one horizon. task_ids: the
-    oracle's task id per task, or None. bf16: act under bf16 autocast (task inference stays fp32). -> per task: success at the last step (the paper's metric) and at any step
-    (Continual World's), returns, routing counts (l2m-stats: also the steps given to each inferred task id); and a
+    oracle's task id per task, or None. bf16: act under bf16 autocast (task inference stays fp32). -> per task:
+    success at the last step (the paper's metric) and at any step (Continual World's), returns, routing counts
+    (l2m-stats: also the steps given to each inferred task id); and a
     timing dict: seconds spent building envs, in the model and stepping, and every env's actions (for --bench).
     DMControl has no success: both hold the paper's metric there, the data-normalized score
     (R - R_random) / (R_data - R_random), 0 for random actions, 1 for the data's mean."""
