@@ -41,7 +41,7 @@ from collect import (
     resolve_tasks,
     write_text,
 )
-from model import ActionTokenizer, DecisionTransformer, resolve_device, use_bf16
+from model import PRECISIONS, ActionTokenizer, DecisionTransformer, resolve_device, use_bf16
 
 EVAL_SEED = 10_000  # episode i of every task starts from reset(seed=EVAL_SEED + i): disjoint from collection seeds
 TASK_ID = ("l2m-oracle", "packnet")  # methods told the task id at evaluation
@@ -141,8 +141,8 @@ def rollout(model, tasks, episodes, device, task_ids=None, bf16=False):
     tasks: checkpoint task entries (name, act_dim, reward_scale, target_return) of one horizon. task_ids: the
     oracle's task id per task, or None. bf16: act under bf16 autocast (task inference stays fp32). -> per task:
     success at the last step (the paper's metric) and at any step (Continual World's), returns, routing counts
-    (l2m-stats: also the steps given to each inferred task id); and a
-    timing dict: seconds spent building envs, in the model and stepping, and every env's actions (for --bench).
+    (l2m-stats: also the steps given to each inferred task id); and a timing dict: seconds spent building envs, in
+    the model and stepping, and every env's actions (for --bench).
     DMControl has no success: both hold the paper's metric there, the data-normalized score
     (R - R_random) / (R_data - R_random), 0 for random actions, 1 for the data's mean."""
     cfg = model.cfg
@@ -776,7 +776,7 @@ def main(args):
 
 def cli(argv=None):
     """The command line: `python evaluate.py [flags]` (argv None = sys.argv)."""
-    main(parse_args(Args, argv, description=__doc__, groups=GROUPS, choices={"precision": ("auto", "bf16", "fp32")}))
+    main(parse_args(Args, argv, description=__doc__, groups=GROUPS, choices={"precision": PRECISIONS}))
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 from collect import check_output, fields_from, file_sha256, load_checkpoint, parse_args, resolve_tasks, save_atomic
 from evaluate import TASK_ID, build_model, evaluate_tasks, routing_accuracy, write_sequence_report
-from model import action_loss, make_pool, resolve_device, use_bf16
+from model import PRECISIONS, action_loss, make_pool, resolve_device, use_bf16
 from pretrain import load_data
 
 CURVE_EVERY = 50  # training steps averaged into one point of training_curves.png
@@ -159,7 +159,7 @@ GROUPS = {
     "method settings": "pool_size",
     "run control": "run_dir",
 }
-CHOICES = {"method": METHODS, "precision": ("auto", "bf16", "fp32")}
+CHOICES = {"method": METHODS, "precision": PRECISIONS}
 # how a run is placed, continued, timed or launched, not what it computes (its --help group)
 RUN_CONTROL = fields_from(Args, GROUPS["run control"])
 
@@ -550,7 +550,7 @@ def main(args):
         sample = batch_source(data, task_index, args, device)
         step_fn = functools.partial(train_step, model, optimizer, sample, args, task_ids, anchor, importance, autocast)
         if args.bench:
-            return bench(model, sequence, step_fn, args, device, task_id_eval)
+            return bench(model, sequence, step_fn, args, device, task_id_eval, bf16)
         name = f"task {task_index + 1}/{n_tasks} {task['name']}"
         if args.method == "multitask":
             name = f"stage {task_index + 1}/{n_tasks}, all tasks"
@@ -614,7 +614,7 @@ def main(args):
     print(f"{time.perf_counter() - start_all:.0f} s in all | wrote {out} and {run_dir}/results.json, results.md, *.png")
 
 
-def bench(model, sequence, step_fn, args, device, task_id_eval):
+def bench(model, sequence, step_fn, args, device, task_id_eval, bf16):
     """--bench N: ms/step and tokens/s of N training steps (after 3 warm-up steps), then one evaluation of the
     sequence with its model/simulator split. Writes nothing."""
     tokens_per_step = args.batch_size * model.cfg.context_len * model.cfg.tokens_per_step
@@ -631,13 +631,7 @@ def bench(model, sequence, step_fn, args, device, task_id_eval):
     model.eval()
     timings, start = [], time.perf_counter()
     results = evaluate_tasks(
-        model,
-        sequence,
-        args.eval_episodes,
-        device,
-        list(range(len(sequence))) if task_id_eval else None,
-        timings,
-        use_bf16(args.precision, device),
+        model, sequence, args.eval_episodes, device, list(range(len(sequence))) if task_id_eval else None, timings, bf16
     )
     total = time.perf_counter() - start
     steps = sum(r["env_steps"] for r in results)

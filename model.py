@@ -615,9 +615,12 @@ def resolve_device(name):
     return torch.device(name)
 
 
+PRECISIONS = ("auto", "bf16", "fp32")  # the --precision choices of every stage
+
+
 def use_bf16(precision, device):
     """precision 'auto' -> bf16 autocast where the hardware runs it fast (CUDA with bf16, CPUs with AVX-512 bf16)."""
-    if precision not in ("auto", "bf16", "fp32"):
+    if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}: use auto, bf16 or fp32")
     if precision != "auto":
         return precision == "bf16"

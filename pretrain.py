@@ -36,7 +36,7 @@ from collect import (
     write_text,
 )
 from evaluate import plot_pretraining
-from model import ActionTokenizer, DecisionTransformer, DTConfig, action_loss, resolve_device, use_bf16
+from model import PRECISIONS, ActionTokenizer, DecisionTransformer, DTConfig, action_loss, resolve_device, use_bf16
 
 REWARD_SCALE = {"metaworld": 200.0, "dmcontrol": 100.0}  # rewards and returns-to-go are divided by these (authors)
 MAX_STATE_DIM = DTConfig.state_dim  # the authors' unified state space
@@ -97,7 +97,7 @@ class Args:
 
 
 GROUPS = {"data": "tasks", "optimization": "steps", "model": "n_layer", "run control": "out"}
-CHOICES = {"precision": ("auto", "bf16", "fp32")}
+CHOICES = {"precision": PRECISIONS}
 # how a run executes and where it lives, not what it computes: these may differ between a run and its resumption
 RUN_CONTROL = fields_from(Args, GROUPS["run control"])
 
