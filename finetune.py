@@ -46,7 +46,7 @@ from tqdm import tqdm
 from collect import check_output, fields_from, file_sha256, load_checkpoint, parse_args, resolve_tasks, save_atomic
 from evaluate import TASK_ID, build_model, evaluate_tasks, routing_accuracy, write_sequence_report
 from model import PRECISIONS, action_loss, make_pool, resolve_device, use_bf16
-from pretrain import load_data
+from pretrain import load_data, matmul_gflop
 
 CURVE_EVERY = 50  # training steps averaged into one point of training_curves.png
 LOG_EVERY = 500  # steps between the plain log lines written when stderr is not a terminal
@@ -140,8 +140,8 @@ class Args:
     overwrite: bool = False
     """replace a run that --run-dir already holds"""
     bench: int = 0
-    """time N training steps of the first task and one evaluation of the sequence (ms/step, tokens/s, model vs
-    simulator); writes nothing"""
+    """time N training steps of the first task and one evaluation of the sequence (ms/step, tokens/s, matmul
+    GFLOP per step, model vs simulator); writes nothing"""
     methods: str = ""
     """several runs side by side: comma-separated methods (with --seeds); each run is its own process with
     --threads 1, logging to <run-dir>/log.txt"""
@@ -615,8 +615,8 @@ def main(args):
 
 
 def bench(model, sequence, step_fn, args, device, task_id_eval, bf16):
-    """--bench N: ms/step and tokens/s of N training steps (after 3 warm-up steps), then one evaluation of the
-    sequence with its model/simulator split. Writes nothing."""
+    """--bench N: ms/step and tokens/s of N training steps (after 3 warm-up steps; one more step's matmul FLOPs
+    counted), then one evaluation of the sequence with its model/simulator split. Writes nothing."""
     tokens_per_step = args.batch_size * model.cfg.context_len * model.cfg.tokens_per_step
     for _ in range(3):
         step_fn()
@@ -624,8 +624,10 @@ def bench(model, sequence, step_fn, args, device, task_id_eval, bf16):
     for _ in range(args.bench):
         step_fn()
     seconds = (time.perf_counter() - start) / args.bench
+    gflop = matmul_gflop(step_fn)  # one more step, counted (L2M: grows with the entries a batch uses)
     print(
-        f"bench {args.method}: {seconds * 1e3:.1f} ms/step, {tokens_per_step / seconds:,.0f} tokens/s "
+        f"bench {args.method}: {seconds * 1e3:.1f} ms/step, {tokens_per_step / seconds:,.0f} tokens/s, "
+        f"{gflop:.2f} GFLOP of matmuls per step ({gflop / seconds:.0f} GFLOP/s) "
         f"(batch {args.batch_size}, {torch.get_num_threads()} threads)"
     )
     model.eval()

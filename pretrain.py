@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 from collect import (
@@ -93,7 +94,7 @@ class Args:
     overwrite: bool = False
     """replace the run at --out (its checkpoint and metrics.jsonl)"""
     bench: int = 0
-    """time N training steps (after 3 warm-up steps): ms/step and tokens/s; writes nothing"""
+    """time N training steps (after 3 warm-up steps): ms/step, tokens/s, matmul GFLOP per step; writes nothing"""
 
 
 GROUPS = {"data": "tasks", "optimization": "steps", "model": "n_layer", "run control": "out"}
@@ -329,6 +330,15 @@ def domain_means(metrics):
     return {domain: tuple(np.mean(values, axis=0).tolist()) for domain, values in by_domain.items()}
 
 
+def matmul_gflop(step_fn):
+    """GFLOP of one call of step_fn, matrix products only (torch's FlopCounterMode): the work no faster kernel
+    removes, so a bench's ms/step can be set against the CPU's matmul peak and two methods' steps against each
+    other (L2M's frozen backbone computes no weight gradients)."""
+    with FlopCounterMode(display=False) as counter:
+        step_fn()
+    return counter.get_total_flops() / 1e9
+
+
 def main(args):
     # --- setup: distributed (torchrun) or a single process, same code path -----------------------------------
     world_size = int(os.environ.get("WORLD_SIZE", 1))
@@ -437,9 +447,11 @@ def main(args):
         for _ in range(args.bench):
             train_step(args.lr)
         seconds = (time.perf_counter() - start) / args.bench
+        gflop = matmul_gflop(lambda: train_step(args.lr))  # one more step, counted
         if is_main:
             print(
-                f"bench: {seconds * 1e3:.1f} ms/step, {tokens_per_step / seconds:,.0f} tokens/s | "
+                f"bench: {seconds * 1e3:.1f} ms/step, {tokens_per_step / seconds:,.0f} tokens/s, "
+                f"{gflop:.2f} GFLOP of matmuls per step ({gflop / seconds:.0f} GFLOP/s) | "
                 f"batch {args.batch_size} x {world_size} process(es), {torch.get_num_threads()} threads, "
                 f"{'bf16' if bf16 else 'fp32'} (nothing written)"
             )

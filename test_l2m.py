@@ -468,6 +468,7 @@ def test_save_npz_is_atomic_on_failure(tmp_path):
 # model.py
 
 import model as M  # noqa: E402
+from pretrain import matmul_gflop  # noqa: E402
 
 
 def tiny_model(act_dim=4, seed=0, **pool):
@@ -579,6 +580,29 @@ def test_routing_runs_in_fp32_under_bf16_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         index_bf16, sim_bf16 = net.pool.select(query)
     assert sim_bf16.dtype == torch.float32 and torch.equal(sim, sim_bf16) and torch.equal(index, index_bf16)
+
+
+def test_a_frozen_backbone_step_computes_only_input_gradients():
+    """Why L2M's step is cheaper than full fine-tuning's: with the backbone frozen, backward computes no weight
+    gradients, so a step with one pool entry in use counts 0.717 of ft's matrix FLOPs (2/3 for the dropped weight
+    gradients plus the modulators' own work; README, Performance)."""
+    b = random_batch(B=4, pad=False)
+
+    def step_gflop(l2m):
+        torch.manual_seed(0)
+        net = M.DecisionTransformer(M.DTConfig(act_dim=4)).train()
+        if l2m:
+            net.requires_grad_(False)
+            net.pool = M.make_pool(4, 128, pool_size=30)
+            net.pool.keys.data[:] = net.pool.keys.data[0]  # every sample picks the same entry
+
+        def step():
+            logits, _ = net(**b)
+            M.action_loss(logits, b["action_bins"], b["step_mask"][..., None].expand_as(b["action_bins"]))[0].backward()
+
+        return matmul_gflop(step)
+
+    assert step_gflop(True) / step_gflop(False) == pytest.approx(0.717, abs=0.005)
 
 
 def test_tokenizer_round_trip():
