@@ -621,7 +621,7 @@ PRECISIONS = ("auto", "bf16", "fp32")  # the --precision choices of every stage
 def use_bf16(precision, device):
     """precision 'auto' -> bf16 autocast where the hardware runs it fast (CUDA with bf16, CPUs with AVX-512 bf16)."""
     if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}: use auto, bf16 or fp32")
+        raise ValueError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
     if precision != "auto":
         return precision == "bf16"
     if device.type == "cuda":

@@ -593,7 +593,7 @@ def test_a_frozen_backbone_step_computes_only_input_gradients():
         net = M.DecisionTransformer(M.DTConfig(act_dim=4)).train()
         if l2m:
             net.requires_grad_(False)
-            net.pool = M.make_pool(4, 128, pool_size=30)
+            net.pool = M.make_pool(net.cfg.n_layer, net.cfg.n_embd, pool_size=30)
             net.pool.keys.data[:] = net.pool.keys.data[0]  # every sample picks the same entry
 
         def step():
@@ -1826,7 +1826,7 @@ def test_methods_and_seeds_run_side_by_side_each_in_its_own_folder(pipeline, tmp
 
 @pytest.mark.parametrize(
     "folder, reference, n_runs, n_rows",
-    [("cw10", "l2m-oracle-cw10-s0", 23, 28), ("quick", "", 4, 4), ("md-cw10", "", 4, 12), ("md-dmc6", "", 5, 9)],
+    [("cw10", "l2m-oracle-cw10-s0", 23, 28), ("quick", "", 4, 4), ("md-cw10", "", 5, 12), ("md-dmc6", "", 9, 9)],
 )
 def test_the_readme_results_tables_regenerate_from_the_result_files(folder, reference, n_runs, n_rows):
     runs = sorted(glob.glob(os.path.join(HERE, "results", folder, "*-s*")))  # every published run
