@@ -46,7 +46,7 @@ from tqdm import tqdm
 from collect import check_output, fields_from, file_sha256, load_checkpoint, parse_args, resolve_tasks, save_atomic
 from evaluate import TASK_ID, build_model, evaluate_tasks, routing_accuracy, write_sequence_report
 from model import PRECISIONS, action_loss, make_pool, resolve_device, use_bf16
-from pretrain import load_data, matmul_gflop
+from pretrain import load_data, matmul_gflop, synchronize
 
 CURVE_EVERY = 50  # training steps averaged into one point of training_curves.png
 LOG_EVERY = 500  # steps between the plain log lines written when stderr is not a terminal
@@ -620,9 +620,11 @@ def bench(model, sequence, step_fn, args, device, task_id_eval, bf16):
     tokens_per_step = args.batch_size * model.cfg.context_len * model.cfg.tokens_per_step
     for _ in range(3):
         step_fn()
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(args.bench):
         step_fn()
+    synchronize(device)
     seconds = (time.perf_counter() - start) / args.bench
     gflop = matmul_gflop(step_fn)  # one more step, counted (L2M: grows with the entries a batch uses)
     print(

@@ -330,6 +330,12 @@ def domain_means(metrics):
     return {domain: tuple(np.mean(values, axis=0).tolist()) for domain, values in by_domain.items()}
 
 
+def synchronize(device):
+    """Wait for the GPU's queued kernels, so that a timer around them measures them (CUDA runs them asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def matmul_gflop(step_fn):
     """GFLOP of one call of step_fn, matrix products only (torch's FlopCounterMode): the work no faster kernel
     removes, so a bench's ms/step can be set against the CPU's matmul peak and two methods' steps against each
@@ -443,9 +449,11 @@ def main(args):
     if args.bench:
         for _ in range(3):
             train_step(args.lr)
+        synchronize(device)
         start = time.perf_counter()
         for _ in range(args.bench):
             train_step(args.lr)
+        synchronize(device)
         seconds = (time.perf_counter() - start) / args.bench
         gflop = matmul_gflop(lambda: train_step(args.lr))  # one more step, counted
         if is_main:
