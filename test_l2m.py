@@ -1440,15 +1440,17 @@ def test_multitask_batches_draw_every_task_of_the_sequence(tmp_path):
     assert counts.sum() == 300 and (counts > 70).all(), counts
 
 
+DMC_PAIR = "cartpole-balance,cartpole-swingup"
+
+
 @pytest.fixture(scope="module")
 def dmc_pipeline(tmp_path_factory):
     """Synthetic data for two DMControl tasks (204 columns, 1-d actions) and a tiny checkpoint pre-trained on them."""
     root = tmp_path_factory.mktemp("dmc")
     (root / "data").mkdir()
-    for i, name in enumerate(["cartpole-balance", "cartpole-swingup"]):
+    for i, name in enumerate(DMC_PAIR.split(",")):
         write_fake_task(root / "data", name, episodes=4, length=20, obs_dim=204, act_dim=1, seed=i)
-    tasks = "cartpole-balance,cartpole-swingup"
-    pretrain.main(pretrain_args(root / "data", tasks=tasks, out=str(root / "pretrain" / "ckpt.pt")))
+    pretrain.main(pretrain_args(root / "data", tasks=DMC_PAIR, out=str(root / "pretrain" / "ckpt.pt")))
     return root
 
 
@@ -1457,8 +1459,9 @@ def dmc_pipeline(tmp_path_factory):
 def test_every_method_learns_a_dmcontrol_sequence_scored_by_normalized_return(dmc_pipeline, method):
     """Each method runs the DMControl path (1000-step episodes, 1-d actions, no success signal) end to end and is
     scored by the data-normalized return: (R - R_random) / (R_data - R_random), here R_random 1 and R_data 210."""
-    tasks = "cartpole-balance,cartpole-swingup"
-    finetune.main(finetune_args(dmc_pipeline, method, method, tasks=tasks, steps_per_task=10, batch_size=8, threads=1))
+    finetune.main(
+        finetune_args(dmc_pipeline, method, method, tasks=DMC_PAIR, steps_per_task=10, batch_size=8, threads=1)
+    )
     results = json.loads((dmc_pipeline / method / "results.json").read_text())
     score = np.asarray(results["success"])
     assert score.shape == (2, 2) and np.isfinite(score[np.tril_indices(2)]).all()
