@@ -3,8 +3,9 @@
 Reads a checkpoint: pretrain.py's, or finetune.py's (rebuilt from its pre-trained checkpoint plus what it trained).
 Writes <out>/results.json and <out>/results.md (default out: <checkpoint's directory>/eval). finetune.py calls
 write_sequence_report at the end of a run: metrics, tables, the success-matrix heatmap and each task's success
-across the sequence (PNG). The episodes of a task run in lockstep, one env each, batched through
-the model; the evaluation seeds are fixed, so every checkpoint meets the same object and goal placements.
+across the sequence (PNG). The episodes of a task run in lockstep, one env each, batched through the model, the
+envs stepped in as many processes as torch has threads (EvalEnvs); the evaluation seeds are fixed, so every
+checkpoint meets the same object and goal placements.
 No task id reaches the model unless the method is an oracle.
 
 Examples:
@@ -16,6 +17,7 @@ Examples:
 
 import glob
 import json
+import multiprocessing
 import os
 
 import matplotlib
@@ -135,9 +137,79 @@ def eval_env(name, i):
     return _ENVS[name, i]
 
 
+def reset_envs(specs, _):
+    """specs [(task, episode index)]: their envs (eval_env), reset to each episode's seed -> first observations."""
+    return [eval_env(name, i).reset(seed=EVAL_SEED + i)[0] for name, i in specs]
+
+
+def step_envs(specs, actions):
+    """One step of each env with its action -> [(observation, reward, success after the step)]."""
+    steps = [eval_env(name, i).step(action) for (name, i), action in zip(specs, actions)]
+    return [(obs, reward, bool(info.get("success", False))) for obs, reward, _, _, info in steps]
+
+
+def env_worker(conn):
+    """A process that holds envs for evaluations: runs each (function, args) it receives, answers with the result
+    (or the exception it raised)."""
+    while True:
+        function, args = conn.recv()
+        try:
+            conn.send((True, function(*args)))
+        except Exception as e:
+            conn.send((False, e))
+
+
+_WORKERS = []  # (process, connection) of the env workers started so far; they live as long as this process
+
+
+def env_workers(n):
+    """n env worker processes, started on first use and kept, so their envs too are reused across evaluations."""
+    ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no forked torch or MuJoCo state
+    while len(_WORKERS) < n:
+        here, there = ctx.Pipe()
+        process = ctx.Process(target=env_worker, args=(there,), daemon=True)
+        process.start()
+        _WORKERS.append((process, here))
+    return [conn for _, conn in _WORKERS[:n]]
+
+
+class EvalEnvs:
+    """The envs of a rollout, spread over `processes` processes that step them side by side: env n lives in
+    process n % processes, this one being process 0 and the others env workers. Stepping Meta-World is mostly
+    Python (its reward code), so threads would take turns on the GIL; processes do not. With 1 process, all envs
+    are stepped here."""
+
+    def __init__(self, specs, processes=1):
+        self.specs = specs  # [(task, episode index)], one per env
+        P = max(1, min(processes, len(specs)))
+        self.shards = [list(range(p, len(specs), P)) for p in range(P)]  # the envs of each process
+        self.workers = env_workers(P - 1)
+
+    def run(self, function, values):
+        """function(its envs' specs, their values) in every process at once -> one result per env, in env order."""
+        jobs = [([self.specs[n] for n in shard], [values[n] for n in shard]) for shard in self.shards]
+        for conn, job in zip(self.workers, jobs[1:]):
+            conn.send((function, job))
+        parts = [function(*jobs[0])]
+        for conn in self.workers:
+            try:
+                ok, part = conn.recv()
+            except EOFError:
+                raise RuntimeError("an env worker process died during an evaluation") from None
+            if not ok:
+                raise part
+            parts.append(part)
+        results = [None] * len(self.specs)
+        for shard, part in zip(self.shards, parts):
+            for n, result in zip(shard, part):
+                results[n] = result
+        return results
+
+
 @torch.no_grad()
-def rollout(model, tasks, episodes, device, task_ids=None, bf16=False):
-    """Roll out `episodes` episodes of each task, all in lockstep, one env each, batched through the model.
+def rollout(model, tasks, episodes, device, task_ids=None, bf16=False, env_processes=1):
+    """Roll out `episodes` episodes of each task, all in lockstep, one env each, batched through the model; the
+    envs are stepped in `env_processes` processes side by side (EvalEnvs).
     tasks: checkpoint task entries (name, act_dim, reward_scale, target_return) of one horizon. task_ids: the
     oracle's task id per task, or None. bf16: act under bf16 autocast (task inference stays fp32). -> per task:
     success at the last step (the paper's metric) and at any step (Continual World's), returns, routing counts
@@ -147,11 +219,12 @@ def rollout(model, tasks, episodes, device, task_ids=None, bf16=False):
     (R - R_random) / (R_data - R_random), 0 for random actions, 1 for the data's mean."""
     cfg = model.cfg
     K, A, N = cfg.context_len, cfg.act_dim, episodes * len(tasks)
+    env_task = np.repeat(np.arange(len(tasks)), episodes)  # (N,): env n plays task n // episodes, episode n % episodes
     start = time.perf_counter()
-    envs = [eval_env(task["name"], i) for task in tasks for i in range(episodes)]  # env n plays task n // episodes
+    envs = EvalEnvs([(tasks[j]["name"], n % episodes) for n, j in enumerate(env_task)], env_processes)
+    obs = envs.run(reset_envs, [None] * N)
     build_seconds = time.perf_counter() - start
-    length, act_dim = envs[0].horizon, max(task["act_dim"] for task in tasks)
-    env_task = np.repeat(np.arange(len(tasks)), episodes)  # (N,)
+    length, act_dim = horizon(tasks[0]["name"]), max(task["act_dim"] for task in tasks)
     scale = torch.tensor([tasks[j]["reward_scale"] for j in env_task], device=device)  # (N,)
     tokenizer = ActionTokenizer(cfg.n_bins)
     # the context window of every env, left-padded: the last slot is the current timestep
@@ -172,7 +245,6 @@ def rollout(model, tasks, episodes, device, task_ids=None, bf16=False):
         query_sum = torch.zeros(N, cfg.n_embd, device=device)  # (N, C): the episode's queries so far, summed
         inferred = np.zeros((len(tasks), model.pool.n_groups), np.int64)  # steps of each task given to each task id
 
-    obs = [env.reset(seed=EVAL_SEED + n % episodes)[0] for n, env in enumerate(envs)]
     total_return, success_any, success_last = np.zeros(N), np.zeros(N, bool), np.zeros(N, bool)
     routing = np.zeros((len(tasks), model.pool.size if model.pool is not None else 0), np.int64)
     actions_taken = np.zeros((length, N, act_dim), np.float32)
@@ -206,10 +278,11 @@ def rollout(model, tasks, episodes, device, task_ids=None, bf16=False):
             np.add.at(routing, (env_task[:, None], route["index"].view(N, -1).cpu().numpy()), 1)  # L2P: top-k each
 
         start = time.perf_counter()
-        step_rewards = np.zeros(N, np.float32)
-        for n, env in enumerate(envs):
-            obs[n], step_rewards[n], _, _, info = env.step(actions_taken[t, n, : tasks[env_task[n]]["act_dim"]])
-            success_last[n] = bool(info.get("success", False))
+        own_actions = [actions_taken[t, n, : tasks[j]["act_dim"]] for n, j in enumerate(env_task)]
+        stepped = envs.run(step_envs, own_actions)  # [(observation, reward, success)], one per env
+        obs = [o for o, _, _ in stepped]
+        step_rewards = np.array([r for _, r, _ in stepped], np.float32)
+        success_last = np.array([s for _, _, s in stepped])
         env_seconds += time.perf_counter() - start
         success_any |= success_last
         total_return += step_rewards
@@ -251,21 +324,22 @@ def rollout(model, tasks, episodes, device, task_ids=None, bf16=False):
     return results, timing
 
 
-def evaluate_tasks(model, tasks, episodes, device, task_ids=None, timings=None, bf16=False):
+def evaluate_tasks(model, tasks, episodes, device, task_ids=None, timings=None, bf16=False, env_processes=1):
     """Evaluate several tasks: the tasks of one horizon (Meta-World 200 steps, DMControl 1000) run in lockstep.
     task_ids only for the methods told the task id (l2m-oracle, packnet). timings: a list that receives each rollout's
-    timing. bf16: act under bf16 autocast. -> per-task results."""
+    timing. bf16: act under bf16 autocast. env_processes: processes stepping the envs (EvalEnvs). -> per-task
+    results."""
     if model.owners is not None and task_ids is not None:  # PackNet: each task with its own weights, one by one
         results = []
         for task, task_id in zip(tasks, task_ids):
             with model.weights_of_task(task_id):
-                results += evaluate_tasks(model, [task], episodes, device, None, timings, bf16)
+                results += evaluate_tasks(model, [task], episodes, device, None, timings, bf16, env_processes)
         return results
     results = [None] * len(tasks)
     for length in sorted({horizon(t["name"]) for t in tasks}):
         group = [i for i, t in enumerate(tasks) if horizon(t["name"]) == length]
         ids = None if task_ids is None else [task_ids[i] for i in group]
-        group_results, timing = rollout(model, [tasks[i] for i in group], episodes, device, ids, bf16)
+        group_results, timing = rollout(model, [tasks[i] for i in group], episodes, device, ids, bf16, env_processes)
         for i, r in zip(group, group_results):
             results[i] = r
         if timings is not None:
@@ -738,13 +812,17 @@ def main(args):
     start, timings = time.perf_counter(), []
     task_ids = [oracle_ids[n] for n in names] if oracle_ids else None
     bf16 = use_bf16(args.precision, device)
-    results = evaluate_tasks(model, [known[n] for n in names], args.episodes, device, task_ids, timings, bf16)
+    env_processes = torch.get_num_threads()  # as many as the cores this process may use
+    results = evaluate_tasks(
+        model, [known[n] for n in names], args.episodes, device, task_ids, timings, bf16, env_processes
+    )
     seconds = time.perf_counter() - start
     steps = sum(r["env_steps"] for r in results)
     build_s, model_s, env_s = (sum(t[k] for t in timings) for k in ("build_seconds", "model_seconds", "env_seconds"))
     speed = (
         f"{steps:,} env steps in {seconds:.1f} s: {steps / seconds:,.0f} env steps/s | building envs "
-        f"{build_s / seconds:.0%}, model {model_s / seconds:.0%}, simulator {env_s / seconds:.0%} of the time"
+        f"{build_s / seconds:.0%}, model {model_s / seconds:.0%}, simulator {env_s / seconds:.0%} of the time "
+        f"({env_processes} process(es) stepping envs)"
     )
     if args.bench:
         pure = sum(replay_seconds(t) for t in timings)

@@ -573,7 +573,9 @@ def main(args):
             fit_task_statistics(model, task_index, dataset, pools, args, device)
         start = time.perf_counter()
         ids = list(range(n_tasks)) if task_id_eval else None
-        results = evaluate_tasks(model, sequence, args.eval_episodes, device, ids, bf16=bf16)
+        results = evaluate_tasks(
+            model, sequence, args.eval_episodes, device, ids, bf16=bf16, env_processes=torch.get_num_threads()
+        )
         set_training(model, frozen_eval)
         success.append([r["success"] for r in results])
         success_any.append([r["success_any"] for r in results])
@@ -634,9 +636,8 @@ def bench(model, sequence, step_fn, args, device, task_id_eval, bf16):
     )
     model.eval()
     timings, start = [], time.perf_counter()
-    results = evaluate_tasks(
-        model, sequence, args.eval_episodes, device, list(range(len(sequence))) if task_id_eval else None, timings, bf16
-    )
+    ids = list(range(len(sequence))) if task_id_eval else None
+    results = evaluate_tasks(model, sequence, args.eval_episodes, device, ids, timings, bf16, torch.get_num_threads())
     total = time.perf_counter() - start
     steps = sum(r["env_steps"] for r in results)
     build_s, model_s, env_s = (sum(t[k] for t in timings) for k in ("build_seconds", "model_seconds", "env_seconds"))

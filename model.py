@@ -257,14 +257,17 @@ def make_pool(n_layer, n_embd, kind="lora", **kwargs):
 DENSE_ENTRIES = 4  # acting with more entries than this in a batch, modulators are applied per sample (see gather)
 
 
-def low_rank(x, a, b, select, scale):
-    """Per-sample low-rank residual s * (x A_i) B_i -> (B, T, out), for x (B, T, in) and either
+def add_low_rank(base, x, a, b, select, scale):
+    """base + a per-sample low-rank residual s * (x A_i) B_i -> (B, T, out), for base (B, T, out), x (B, T, in) and
+    either
     dense: a (in, U*r), b (U*r, out), select (B, U*r): x @ a computes every used entry's r columns, select keeps the
            sample's own; or
-    per sample: a (B, in, r), b (B, r, out), select None."""
+    per sample: a (B, in, r), b (B, r, out), select None.
+    The scale goes on the rank-r product and the sum into the last matmul: no extra pass over a (B, T, out) tensor."""
     if select is None:
-        return scale * torch.bmm(torch.bmm(x, a), b)
-    return scale * ((x @ a) * select[:, None, :]) @ b
+        return torch.baddbmm(base, torch.bmm(x, a) * scale, b)
+    h = (x @ a) * (select * scale)[:, None, :]  # (B, T, U*r)
+    return torch.addmm(base.flatten(0, 1), h.flatten(0, 1), b).view(base.shape)
 
 
 def dropout(x, p, training):
@@ -286,14 +289,19 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
         self.dropout = cfg.dropout  # on the attention weights and on the output
 
-    def forward(self, x, attn_mask, mod=None, cache=None):
+    def forward(self, x, attn_mask, mod=None, cache=None, last=False):
         """x (B, T, C); attn_mask (B, 1, T, T_all) bool, True = may attend; mod: this layer's modulators or None;
-        cache: None, or a dict holding the keys/values of earlier positions, extended in place (acting)."""
+        cache: None, or a dict holding the keys/values of earlier positions, extended in place (acting);
+        last: the output of the last row only, (B, 1, C); every row's keys and values are still computed."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=-1)  # (B, T, C) each
+        if last:
+            x_q, q, attn_mask = x[:, -1:], q[:, -1:], attn_mask[:, :, -1:]  # one query row
+        else:
+            x_q = x
         if mod is not None and "q_a" in mod:  # L2M: low-rank modulation of the query and value projections
-            q = q + low_rank(x, mod["q_a"], mod["q_b"], mod["select"], mod["scale"])
-            v = v + low_rank(x, mod["v_a"], mod["v_b"], mod["select"], mod["scale"])
+            q = add_low_rank(q, x_q, mod["q_a"], mod["q_b"], mod["select"], mod["scale"])
+            v = add_low_rank(v, x, mod["v_a"], mod["v_b"], mod["select"], mod["scale"])
         if mod is not None and "k_scale" in mod:  # (IA)3: keys and values rescaled (AttentionIA3.forward)
             k, v = k * mod["k_scale"], v * mod["v_scale"]
         if mod is not None and "prefix_k" in mod and not (cache and "k" in cache):  # L2P-PreT: the prompt's keys
@@ -310,7 +318,7 @@ class CausalSelfAttention(nn.Module):
             att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.shape[-1]))  # (B, H, T, T_all)
             att = att.masked_fill(~attn_mask, float("-inf")).softmax(dim=-1)
             y = dropout(att, p, self.training) @ v  # (B, H, T, C/H)
-        return dropout(self.proj(y.transpose(1, 2).reshape(B, T, C)), self.dropout, self.training)
+        return dropout(self.proj(y.transpose(1, 2).reshape(B, q.shape[2], C)), self.dropout, self.training)
 
 
 class MLP(nn.Module):
@@ -323,7 +331,7 @@ class MLP(nn.Module):
     def forward(self, x, mod=None):
         u = self.fc(x)  # (B, T, 4C)
         if mod is not None and "mlp_a" in mod:  # L2M: low-rank residual on the pre-activations, u + s (u A) B (MLPIA3)
-            u = u + low_rank(u, mod["mlp_a"], mod["mlp_b"], mod["select"], mod["scale"])
+            u = add_low_rank(u, u, mod["mlp_a"], mod["mlp_b"], mod["select"], mod["scale"])
         h = F.gelu(u)
         if mod is not None and "mlp_scale" in mod:  # (IA)3: the hidden activations rescaled, after the GELU (MLPIA3)
             h = h * mod["mlp_scale"]
@@ -358,11 +366,13 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.n_embd)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, attn_mask, mod=None, cache=None):
-        a = self.attn(self.ln_1(x), attn_mask, mod, cache)
+    def forward(self, x, attn_mask, mod=None, cache=None, last=False):
+        """last: only the last row's output (B, 1, C), for acting's final block (the other rows' outputs would only
+        feed a next block)."""
+        a = self.attn(self.ln_1(x), attn_mask, mod, cache, last)
         if mod is not None and "attn_adapter" in mod:  # adapters: one after attention, one after the MLP
             a = mod["attn_adapter"](a)
-        x = x + a
+        x = x[:, -1:] + a if last else x + a
         m = self.mlp(self.ln_2(x), mod)
         if mod is not None and "mlp_adapter" in mod:
             m = mod["mlp_adapter"](m)
@@ -468,12 +478,13 @@ class DecisionTransformer(nn.Module):
     def run_blocks(self, x, mask, mods, prompt, caches=None, first=True):
         """The blocks over x (B, T', C). L2P's prompt tokens enter here: before the first block (pt), or before every
         block in place of the previous block's prompt outputs (pv2); not in cached acting's later passes (first
-        False), whose rows are single new tokens."""
+        False), whose rows are single new tokens. With caches (acting), the last block returns the last row only."""
         for layer, block in enumerate(self.blocks):
             if prompt is not None and prompt["tokens"] is not None and first and layer < prompt["tokens"].shape[1]:
                 fresh = prompt["tokens"][:, layer]  # (B, N, C)
                 x = torch.cat([fresh, x if layer == 0 else x[:, fresh.shape[1] :]], dim=1)
-            x = block(x, mask, mods[layer] if mods else None, caches[layer] if caches else None)
+            last = caches is not None and layer == len(self.blocks) - 1  # acting needs only the last row's output
+            x = block(x, mask, mods[layer] if mods else None, caches[layer] if caches else None, last)
         return x
 
     def modulators(self, tokens, step_mask, task_ids=None):
