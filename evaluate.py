@@ -194,7 +194,7 @@ class EvalEnvs:
         for conn in self.workers:
             try:
                 ok, part = conn.recv()
-            except EOFError:
+            except (EOFError, ConnectionError):
                 raise RuntimeError("an env worker process died during an evaluation") from None
             if not ok:
                 raise part
@@ -796,6 +796,9 @@ def main(args):
             raise ValueError(f"--episodes must be at least 1 (got {args.episodes})")
         out = args.out or os.path.join(os.path.dirname(args.ckpt) or ".", "eval")
         check_output(out, "--out", is_dir=True)
+        env_processes = torch.get_num_threads()  # as many as the cores this process may use
+        start = time.perf_counter()  # the evaluation's time includes loading the model and starting env workers
+        env_workers(env_processes - 1)  # started first: their start-up (~3 s) overlaps loading the model
         ckpt = load_checkpoint(args.ckpt)
         finetuned = ckpt.get("kind") == "finetune"  # read its backbone once, for the task list and the model
         base = load_backbone(ckpt, backbone_path(ckpt, args.ckpt, args.backbone)) if finetuned else None
@@ -809,10 +812,9 @@ def main(args):
         model = build_model(ckpt, device, base)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"evaluate.py: error: {e}")
-    start, timings = time.perf_counter(), []
+    timings = []
     task_ids = [oracle_ids[n] for n in names] if oracle_ids else None
     bf16 = use_bf16(args.precision, device)
-    env_processes = torch.get_num_threads()  # as many as the cores this process may use
     results = evaluate_tasks(
         model, [known[n] for n in names], args.episodes, device, task_ids, timings, bf16, env_processes
     )
