@@ -137,7 +137,7 @@ def eval_env(name, i):
     return _ENVS[name, i]
 
 
-def reset_envs(specs, _):
+def reset_envs(specs):
     """specs [(task, episode index)]: their envs (eval_env), reset to each episode's seed -> first observations."""
     return [eval_env(name, i).reset(seed=EVAL_SEED + i)[0] for name, i in specs]
 
@@ -185,9 +185,11 @@ class EvalEnvs:
         self.shards = [list(range(p, len(specs), P)) for p in range(P)]  # the envs of each process
         self.workers = env_workers(P - 1)
 
-    def run(self, function, values):
-        """function(its envs' specs, their values) in every process at once -> one result per env, in env order."""
-        jobs = [([self.specs[n] for n in shard], [values[n] for n in shard]) for shard in self.shards]
+    def run(self, function, values=None):
+        """function(its envs' specs[, their values]) in every process at once -> one result per env, in env order."""
+        jobs = [([self.specs[n] for n in shard],) for shard in self.shards]
+        if values is not None:
+            jobs = [(specs, [values[n] for n in shard]) for (specs,), shard in zip(jobs, self.shards)]
         for conn, job in zip(self.workers, jobs[1:]):
             conn.send((function, job))
         parts = [function(*jobs[0])]
@@ -222,7 +224,7 @@ def rollout(model, tasks, episodes, device, task_ids=None, bf16=False, env_proce
     env_task = np.repeat(np.arange(len(tasks)), episodes)  # (N,): env n plays task n // episodes, episode n % episodes
     start = time.perf_counter()
     envs = EvalEnvs([(tasks[j]["name"], n % episodes) for n, j in enumerate(env_task)], env_processes)
-    obs = envs.run(reset_envs, [None] * N)
+    obs = envs.run(reset_envs)
     build_seconds = time.perf_counter() - start
     length, act_dim = horizon(tasks[0]["name"]), max(task["act_dim"] for task in tasks)
     scale = torch.tensor([tasks[j]["reward_scale"] for j in env_task], device=device)  # (N,)
@@ -351,10 +353,10 @@ def replay_seconds(timing):
     """Seconds to step the envs of a rollout with the actions it took, without the model: the floor that an
     evaluation's wall time is measured against (--bench)."""
     tasks, episodes, actions = timing["tasks"], timing["episodes"], timing["actions"]  # actions (horizon, N, A)
-    envs = [eval_env(task["name"], i) for task in tasks for i in range(episodes)]
+    specs = [(task["name"], i) for task in tasks for i in range(episodes)]  # the rollout's envs, in its order
+    reset_envs(specs)
+    envs = [eval_env(name, i) for name, i in specs]
     act_dims = [task["act_dim"] for task in tasks for _ in range(episodes)]
-    for n, env in enumerate(envs):
-        env.reset(seed=EVAL_SEED + n % episodes)
     start = time.perf_counter()
     for step_actions in actions:
         for env, action, act_dim in zip(envs, step_actions, act_dims):

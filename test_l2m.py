@@ -1751,23 +1751,25 @@ def test_evaluation_acts_in_the_precision_it_is_given(monkeypatch):
         assert seen and set(seen) == {dtype}
 
 
-def test_envs_stepped_in_two_processes_give_the_same_episodes_as_in_one():
+def test_envs_stepped_in_two_processes_give_the_same_episodes_as_in_one(monkeypatch):
     """EvalEnvs spreads the envs over processes (env n in process n % 2): the same real Meta-World episodes, the
     same actions, returns and successes as stepping them all here."""
+    monkeypatch.setattr(evaluate, "_ENVS", {})
     tasks = [dict(name=n, act_dim=4, reward_scale=200.0, target_return=400.0) for n in ("reach-v3", "button-press-v3")]
     net = tiny_model(pool_size=4, rank=2)
-    one = evaluate.evaluate_tasks(net, tasks, 3, torch.device("cpu"), env_processes=1)
     two = evaluate.evaluate_tasks(net, tasks, 3, torch.device("cpu"), env_processes=2)
-    assert one == two and len(evaluate._WORKERS) >= 1
+    assert set(evaluate._ENVS) == {("reach-v3", 0), ("reach-v3", 2), ("button-press-v3", 1)}  # envs 0, 2, 4 here
+    one = evaluate.evaluate_tasks(net, tasks, 3, torch.device("cpu"), env_processes=1)
+    assert one == two
     assert len({tuple(r["returns"]) for r in one}) == 2  # the two tasks' episodes differ: a real comparison
 
 
 def test_an_error_in_an_env_worker_is_raised_here():
     envs = evaluate.EvalEnvs([("reach-v3", 0), ("no-such-task", 0)], processes=2)  # the bad one in the worker
     with pytest.raises(ValueError, match="Domain 'no' does not exist"):
-        envs.run(evaluate.reset_envs, [None, None])
+        envs.run(evaluate.reset_envs)
     envs = evaluate.EvalEnvs([("reach-v3", 0), ("reach-v3", 1)], processes=2)  # the worker still serves
-    assert [o.shape for o in envs.run(evaluate.reset_envs, [None, None])] == [(39,), (39,)]
+    assert [o.shape for o in envs.run(evaluate.reset_envs)] == [(39,), (39,)]
 
 
 def test_bf16_acting_picks_the_fp32_actions_almost_everywhere():
