@@ -272,10 +272,11 @@ def add_low_rank(base, x, a, b, select, scale):
 
 def dropout(x, p, training):
     """Inverted dropout whose keep-mask is drawn as uniform >= p: the same Bernoulli(1 - p) distribution as
-    F.dropout, but torch's bernoulli_ runs serially on a CPU and took a quarter of a bf16 pre-training step."""
+    F.dropout, but torch's bernoulli_ runs serially on a CPU and took a quarter of a bf16 pre-training step. The
+    mask is made in place in the uniforms' own tensor (0 or 1/(1-p)): one pass over x, no bool -> float copy."""
     if not training or p == 0.0:
         return x
-    return x * (torch.rand(x.shape, device=x.device) >= p) * (1.0 / (1.0 - p))
+    return x * torch.rand(x.shape, device=x.device).ge_(p).mul_(1.0 / (1.0 - p)).to(x.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -557,6 +557,8 @@ def test_dropout_mask_drops_a_share_p_and_keeps_the_mean():
     y = M.dropout(x, 0.1, training=True)
     assert (y == 0).float().mean().item() == pytest.approx(0.1, abs=0.002)
     assert y.mean().item() == pytest.approx(1.0, abs=0.005)
+    assert torch.equal(y[y != 0], torch.full_like(y[y != 0], 1.0 / 0.9))  # kept entries are scaled by 1/(1-p)
+    assert M.dropout(x.bfloat16(), 0.1, training=True).dtype == torch.bfloat16  # the mask does not promote x
     assert M.dropout(x, 0.1, training=False) is x
 
 
