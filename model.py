@@ -290,14 +290,15 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
         self.dropout = cfg.dropout  # on the attention weights and on the output
 
-    def forward(self, x, attn_mask, mod=None, cache=None, last=False):
+    def forward(self, x, attn_mask, mod=None, cache=None, rows=None):
         """x (B, T, C); attn_mask (B, 1, T, T_all) bool, True = may attend; mod: this layer's modulators or None;
         cache: None, or a dict holding the keys/values of earlier positions, extended in place (acting);
-        last: the output of the last row only, (B, 1, C); every row's keys and values are still computed."""
+        rows: None, or the (R,) indices of the only rows whose outputs are wanted -> (B, R, C); every row's keys and
+        values are still computed."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=-1)  # (B, T, C) each
-        if last:
-            x_q, q, attn_mask = x[:, -1:], q[:, -1:], attn_mask[:, :, -1:]  # one query row
+        if rows is not None:
+            x_q, q, attn_mask = x.index_select(1, rows), q.index_select(1, rows), attn_mask.index_select(2, rows)
         else:
             x_q = x
         if mod is not None and "q_a" in mod:  # L2M: low-rank modulation of the query and value projections
@@ -367,13 +368,13 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.n_embd)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, attn_mask, mod=None, cache=None, last=False):
-        """last: only the last row's output (B, 1, C), for acting's final block (the other rows' outputs would only
-        feed a next block)."""
-        a = self.attn(self.ln_1(x), attn_mask, mod, cache, last)
+    def forward(self, x, attn_mask, mod=None, cache=None, rows=None):
+        """rows: None, or the (R,) indices of the rows whose outputs are wanted -> (B, R, C): the final block computes
+        only the rows that predict (the other rows' outputs would only feed a next block)."""
+        a = self.attn(self.ln_1(x), attn_mask, mod, cache, rows)
         if mod is not None and "attn_adapter" in mod:  # adapters: one after attention, one after the MLP
             a = mod["attn_adapter"](a)
-        x = x[:, -1:] + a if last else x + a
+        x = (x if rows is None else x.index_select(1, rows)) + a
         m = self.mlp(self.ln_2(x), mod)
         if mod is not None and "mlp_adapter" in mod:
             m = mod["mlp_adapter"](m)
@@ -470,22 +471,28 @@ class DecisionTransformer(nn.Module):
         mods, routing, prompt = self.modulators(tokens, step_mask, task_ids)
         x = dropout(tokens, self.cfg.dropout, self.training)
         mask = self.attention_mask(step_mask, prompt)
-        x = self.run_blocks(x, mask, mods, prompt)
-        x = x[:, x.shape[1] - K * self.cfg.tokens_per_step :]  # L2P's prompt outputs (pt, pv2) predict nothing
-        x = self.ln_f(x).view(B, K, self.cfg.tokens_per_step, -1)  # (B, K, S, C)
-        logits = self.action_head(x[:, :, 1 : 1 + self.cfg.act_dim])  # (B, K, A, NB): R and a^1..a^(A-1) predict
+        S, A = self.cfg.tokens_per_step, self.cfg.act_dim
+        R0 = prompt["n"] if prompt is not None and prompt["tokens"] is not None else 0  # L2P's prompt rows (pt, pv2)
+        predicting = R0 + torch.arange(K, device=x.device)[:, None] * S + 1 + torch.arange(A, device=x.device)
+        x = self.run_blocks(x, mask, mods, prompt, rows=predicting.flatten())  # (B, K*A, C): R, a^1..a^(A-1)
+        logits = self.action_head(self.ln_f(x)).view(B, K, A, -1)  # (B, K, A, NB)
         return logits, routing
 
-    def run_blocks(self, x, mask, mods, prompt, caches=None, first=True):
+    def run_blocks(self, x, mask, mods, prompt, caches=None, first=True, rows=None):
         """The blocks over x (B, T', C). L2P's prompt tokens enter here: before the first block (pt), or before every
         block in place of the previous block's prompt outputs (pv2); not in cached acting's later passes (first
-        False), whose rows are single new tokens. With caches (acting), the last block returns the last row only."""
+        False), whose rows are single new tokens. rows: the (R,) rows whose outputs are wanted, the only ones the last
+        block computes -> (B, R, C) (training: the predicting tokens; with caches, acting: the last row)."""
         for layer, block in enumerate(self.blocks):
             if prompt is not None and prompt["tokens"] is not None and first and layer < prompt["tokens"].shape[1]:
                 fresh = prompt["tokens"][:, layer]  # (B, N, C)
                 x = torch.cat([fresh, x if layer == 0 else x[:, fresh.shape[1] :]], dim=1)
-            last = caches is not None and layer == len(self.blocks) - 1  # acting needs only the last row's output
-            x = block(x, mask, mods[layer] if mods else None, caches[layer] if caches else None, last)
+            final = layer == len(self.blocks) - 1
+            if final and caches is not None:
+                rows = torch.tensor([x.shape[1] - 1], device=x.device)
+            x = block(
+                x, mask, mods[layer] if mods else None, caches[layer] if caches else None, rows if final else None
+            )
         return x
 
     def modulators(self, tokens, step_mask, task_ids=None):

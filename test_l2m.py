@@ -788,18 +788,39 @@ def test_routing_accuracy_follows_each_task_from_its_own_stage_to_the_end():
 PROMPTS = [{"pool_size": 6, "length": 3, "top_k": 2, "kind": kind} for kind in M.PROMPT_KINDS]
 
 
-@pytest.mark.parametrize(
-    "pool", [{}, {"pool_size": 3}, {"pool_size": 3, "kind": "ia3"}, {"adapters": True}, *PROMPTS], ids=str
-)
-def test_cached_acting_equals_uncached(pool):
+EVERY_KIND = [{}, {"pool_size": 3}, {"pool_size": 3, "kind": "ia3"}, {"adapters": True}, *PROMPTS]
+
+
+def modulated_model(pool):
+    """A tiny act_dim-6 model with `pool` (or adapters) whose modulators are not the identity, and a batch."""
+    pool = dict(pool)
     adapters = pool.pop("adapters", False)
     net, b = tiny_model(act_dim=6, **pool), random_batch(act_dim=6)
     if adapters:
         net.attach_adapters(reduction=4)
-    with torch.no_grad():  # modulators that are not the identity
+    with torch.no_grad():
         for name, p in net.named_parameters():
             if name.split(".")[-2:-1] == ["up"] or name.endswith(("q_b", "mlp_b", "k_scale", "mlp_scale")):
                 p.normal_(1.0 if name.endswith("scale") else 0.0, 0.3)
+    return net, b
+
+
+@pytest.mark.parametrize("pool", EVERY_KIND, ids=str)
+def test_training_logits_equal_those_of_every_row_computed(pool):
+    """forward's last block computes only the predicting rows; the logits are those of running every row."""
+    net, b = modulated_model(pool)
+    logits, _ = forward(net, b)
+    tokens = net.embed(b["states"], b["returns"], b["action_bins"], b["rewards"], b["timesteps"])
+    mods, _, prompt = net.modulators(tokens, b["step_mask"])
+    x = net.run_blocks(tokens, net.attention_mask(b["step_mask"], prompt), mods, prompt)  # (6, [N +] 45, 32)
+    x = x[:, x.shape[1] - 45 :].view(6, 5, 9, 32)[:, :, 1:7]  # R and a^1..a^5 of every timestep predict
+    assert logits.shape == (6, 5, 6, 64)
+    assert torch.allclose(logits, net.action_head(net.ln_f(x)), atol=1e-5)
+
+
+@pytest.mark.parametrize("pool", EVERY_KIND, ids=str)
+def test_cached_acting_equals_uncached(pool):
+    net, b = modulated_model(pool)
     for act_dim in (1, 4, 6):
         cached, _ = net.act(**b, act_dim=act_dim)
         plain, _ = net.act(**b, act_dim=act_dim, use_cache=False)
