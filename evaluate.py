@@ -43,7 +43,7 @@ from collect import (
     resolve_tasks,
     write_text,
 )
-from model import PRECISIONS, ActionTokenizer, DecisionTransformer, resolve_device, use_bf16
+from model import PRECISIONS, ActionTokenizer, DecisionTransformer, keep_freed_memory, resolve_device, use_bf16
 
 EVAL_SEED = 10_000  # episode i of every task starts from reset(seed=EVAL_SEED + i): disjoint from collection seeds
 TASK_ID = ("l2m-oracle", "packnet")  # methods told the task id at evaluation
@@ -778,6 +778,7 @@ def write_sequence_report(run_dir, ckpt):
 def main(args):
     try:
         device = resolve_device(args.device)
+        keep_freed_memory()
     except ValueError as e:
         sys.exit(f"evaluate.py: error: {e}")
     if args.compare:

@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 from collect import check_output, fields_from, file_sha256, load_checkpoint, parse_args, resolve_tasks, save_atomic
 from evaluate import TASK_ID, build_model, evaluate_tasks, routing_accuracy, write_sequence_report
-from model import PRECISIONS, action_loss, make_pool, resolve_device, use_bf16
+from model import PRECISIONS, action_loss, keep_freed_memory, make_pool, resolve_device, use_bf16
 from pretrain import load_data, matmul_gflop, synchronize
 
 CURVE_EVERY = 50  # training steps averaged into one point of training_curves.png
@@ -498,6 +498,7 @@ def main(args):
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"finetune.py: error: {e}")
     device = resolve_device(args.device)
+    keep_freed_memory()
     sequence = [task for task, _, _ in data]
     n_tasks = len(sequence)
     backbone_hash = file_sha256(args.ckpt)  # evaluate.py checks that the backbone is still this file

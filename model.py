@@ -12,6 +12,7 @@ So the A outputs at positions 1..A of each timestep are the action predictions; 
 """
 
 import contextlib
+import ctypes
 import math
 from dataclasses import dataclass
 
@@ -271,12 +272,16 @@ def add_low_rank(base, x, a, b, select, scale):
 
 
 def dropout(x, p, training):
-    """Inverted dropout whose keep-mask is drawn as uniform >= p: the same Bernoulli(1 - p) distribution as
-    F.dropout, but torch's bernoulli_ runs serially on a CPU and took a quarter of a bf16 pre-training step. The
-    mask is made in place in the uniforms' own tensor (0 or 1/(1-p)): one pass over x, no bool -> float copy."""
+    """Inverted dropout, its keep-mask drawn from 15 random bits per element: four elements share one int64 draw of
+    torch's generator, which runs serially on a CPU (a float per element took a quarter of a bf16 pre-training step
+    through bernoulli_, an eighth of an fp32 one through rand). An element drops where its bits are below
+    round(p * 2^15): Bernoulli with p within 2^-16 of the requested (0.100006 for 0.1)."""
     if not training or p == 0.0:
         return x
-    return x * torch.rand(x.shape, device=x.device).ge_(p).mul_(1.0 / (1.0 - p)).to(x.dtype)
+    n = x.numel()
+    bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_()  # [0, 2^63): the top bit is 0
+    lanes = bits.view(torch.int16)[:n].view(x.shape).bitwise_and_(0x7FFF)  # 15 uniform bits in each 16-bit lane
+    return x.masked_fill(lanes < round(p * 32768), 0.0).mul_(1.0 / (1.0 - p))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -632,6 +637,21 @@ def resolve_device(name):
     if not available[kind]:
         raise ValueError(f"--device {name}: this machine's torch has no {kind} device (use auto or cpu)")
     return torch.device(name)
+
+
+def keep_freed_memory():
+    """Tell glibc's malloc to keep freed memory instead of handing blocks of a few MB back to the OS: acting frees
+    its activations after every pass, and glibc trimmed them, so the next pass faulted them in again page by page
+    (~16,000 page faults per CW10 acting step of 100 envs; with this, 75; its CPU time 274 -> 203 ms). Freed memory
+    stays reusable by this process (as PyTorch's caching allocator keeps it on a GPU). No-op where libc is not
+    glibc (macOS, Windows, musl)."""
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # <malloc.h>
+    mallopt(M_MMAP_THRESHOLD, 32 << 20)  # blocks up to 32 MiB (glibc's maximum) come from the heap ...
+    mallopt(M_TRIM_THRESHOLD, 1 << 30)  # ... which is not trimmed until 1 GiB of it is free
 
 
 PRECISIONS = ("auto", "bf16", "fp32")  # the --precision choices of every stage

@@ -37,7 +37,16 @@ from collect import (
     write_text,
 )
 from evaluate import plot_pretraining
-from model import PRECISIONS, ActionTokenizer, DecisionTransformer, DTConfig, action_loss, resolve_device, use_bf16
+from model import (
+    PRECISIONS,
+    ActionTokenizer,
+    DecisionTransformer,
+    DTConfig,
+    action_loss,
+    keep_freed_memory,
+    resolve_device,
+    use_bf16,
+)
 
 REWARD_SCALE = {"metaworld": 200.0, "dmcontrol": 100.0}  # rewards and returns-to-go are divided by these (authors)
 MAX_STATE_DIM = DTConfig.state_dim  # the authors' unified state space
@@ -351,6 +360,7 @@ def main(args):
     rank = int(os.environ.get("RANK", 0))
     try:
         device = resolve_device(args.device)
+        keep_freed_memory()
     except ValueError as e:
         sys.exit(f"pretrain.py: error: {e}")
     if world_size > 1:

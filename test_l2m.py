@@ -552,6 +552,23 @@ def test_action_loss_ignores_padded_tokens():
     assert torch.allclose(M.action_loss(scrambled, targets, valid)[0], expected)
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc: Linux only")
+def test_freed_memory_is_kept_so_big_temporaries_do_not_fault_in_again():
+    import resource
+
+    def burst():  # 8 x 8 MB alive at once, then freed, as acting's activations are after each pass
+        held = [torch.ones(2_000_000) for _ in range(8)]
+        return sum(t[0] for t in held)
+
+    M.keep_freed_memory()
+    for _ in range(3):
+        burst()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(10):
+        burst()
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before < 30000  # returned to the OS: up to 160,000
+
+
 def test_dropout_mask_drops_a_share_p_and_keeps_the_mean():
     x = torch.ones(1_000_000)
     y = M.dropout(x, 0.1, training=True)
@@ -586,7 +603,7 @@ def test_routing_runs_in_fp32_under_bf16_autocast():
 
 def test_a_frozen_backbone_step_computes_only_input_gradients():
     """Why L2M's step is cheaper than full fine-tuning's: with the backbone frozen, backward computes no weight
-    gradients, so a step with one pool entry in use counts 0.717 of ft's matrix FLOPs (2/3 for the dropped weight
+    gradients, so a step with one pool entry in use counts 0.715 of ft's matrix FLOPs (2/3 for the dropped weight
     gradients plus the modulators' own work; README, Performance)."""
     b = random_batch(B=4, pad=False)
 
@@ -604,7 +621,7 @@ def test_a_frozen_backbone_step_computes_only_input_gradients():
 
         return matmul_gflop(step)
 
-    assert step_gflop(True) / step_gflop(False) == pytest.approx(0.717, abs=0.005)
+    assert step_gflop(True) / step_gflop(False) == pytest.approx(0.715, abs=0.005)
 
 
 def test_tokenizer_round_trip():
