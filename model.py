@@ -281,7 +281,10 @@ def dropout(x, p, training):
     n = x.numel()
     bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_()  # [0, 2^63): the top bit is 0
     lanes = bits.view(torch.int16)[:n].view(x.shape).bitwise_and_(0x7FFF)  # 15 uniform bits in each 16-bit lane
-    return x.masked_fill(lanes < round(p * 32768), 0.0).mul_(1.0 / (1.0 - p))
+    keep = (lanes >= round(p * 32768)).to(x.dtype)  # a multiply, forward and backward: masked_fill's were 2x slower
+    if x.dtype == torch.float32:
+        return x * keep.mul_(1.0 / (1.0 - p))
+    return x * keep * (1.0 / (1.0 - p))  # bf16 would round 1/(1-p) in the mask (1.109 for 1.111): scale in x's op
 
 
 # ---------------------------------------------------------------------------------------------------------

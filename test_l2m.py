@@ -575,7 +575,11 @@ def test_dropout_mask_drops_a_share_p_and_keeps_the_mean():
     assert (y == 0).float().mean().item() == pytest.approx(0.1, abs=0.002)
     assert y.mean().item() == pytest.approx(1.0, abs=0.005)
     assert torch.equal(y[y != 0], torch.full_like(y[y != 0], 1.0 / 0.9))  # kept entries are scaled by 1/(1-p)
-    assert M.dropout(x.bfloat16(), 0.1, training=True).dtype == torch.bfloat16  # the mask does not promote x
+    x16 = torch.randn(100_000).bfloat16()
+    y16 = M.dropout(x16, 0.1, training=True)
+    kept = y16 != 0
+    assert y16.dtype == torch.bfloat16  # the mask does not promote x, nor round the scale to bf16 (1.109 for 1.111):
+    assert torch.equal(y16[kept], (x16[kept].float() * (1.0 / 0.9)).bfloat16())
     assert M.dropout(x, 0.1, training=False) is x
 
 
