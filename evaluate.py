@@ -778,9 +778,9 @@ def write_sequence_report(run_dir, ckpt):
 def main(args):
     try:
         device = resolve_device(args.device)
-        keep_freed_memory()
     except ValueError as e:
         sys.exit(f"evaluate.py: error: {e}")
+    keep_freed_memory()
     if args.compare:
         try:
             check_output(args.out or "runs", "--out", is_dir=True)

@@ -360,9 +360,9 @@ def main(args):
     rank = int(os.environ.get("RANK", 0))
     try:
         device = resolve_device(args.device)
-        keep_freed_memory()
     except ValueError as e:
         sys.exit(f"pretrain.py: error: {e}")
+    keep_freed_memory()
     if world_size > 1:
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))

@@ -578,8 +578,8 @@ def test_dropout_mask_drops_a_share_p_and_keeps_the_mean():
     x16 = torch.randn(100_000).bfloat16()
     y16 = M.dropout(x16, 0.1, training=True)
     kept = y16 != 0
-    assert y16.dtype == torch.bfloat16  # the mask does not promote x, nor round the scale to bf16 (1.109 for 1.111):
-    assert torch.equal(y16[kept], (x16[kept].float() * (1.0 / 0.9)).bfloat16())
+    assert y16.dtype == torch.bfloat16  # the mask does not promote x ...
+    assert torch.equal(y16[kept], (x16[kept].float() * (1.0 / 0.9)).bfloat16())  # ... nor round 1/(1-p) to 1.109
     assert M.dropout(x, 0.1, training=False) is x
 
 
