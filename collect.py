@@ -28,7 +28,7 @@ Examples:
 
 import os
 
-os.environ.setdefault("MUJOCO_GL", "disable")  # no display on servers: physics only (MUJOCO_GL=egl to render)
+os.environ.setdefault("MUJOCO_GL", "disable")  # no display on servers: physics only (Meta-World is built untextured)
 
 import argparse
 import ast
@@ -158,9 +158,17 @@ def horizon(name):
 
 @functools.lru_cache(maxsize=None)
 def compiled_mujoco_model(xml_path):
+    """A Meta-World XML compiled once per process, without its textures: nothing here renders, and they are 5-8 MB
+    of each model that every env's copy would duplicate (copying took 18 ms per env with them, 8 without). Physics
+    is unchanged: all 50 tasks stepped identically with and without (2 episodes of 100 random actions each)."""
     import mujoco
 
-    return mujoco.MjModel.from_xml_path(xml_path)
+    spec = mujoco.MjSpec.from_file(xml_path)
+    for texture in list(spec.textures):
+        texture.delete()
+    for material in spec.materials:
+        material.textures = [""] * len(material.textures)
+    return spec.compile()
 
 
 @functools.lru_cache(maxsize=None)

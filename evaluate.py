@@ -19,15 +19,10 @@ import glob
 import json
 import multiprocessing
 import os
-
-import matplotlib
-
-matplotlib.use("Agg")  # files only, no display
 import sys
 import time
 from dataclasses import dataclass
 
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
@@ -663,12 +658,23 @@ def compare_runs(run_dirs, reference_dir=""):
     return "\n".join(lines + ["", "Commands:", *commands]) + "\n"
 
 
+def pyplot():
+    """matplotlib.pyplot, drawing to files only. Imported where figures are made, not with this module: every env
+    worker process imports this module again (spawn), and pyplot was 0.5 s of its start."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def save_figure(fig, path):
     """Lay out, write atomically as a PNG, and free the figure."""
     fig.tight_layout()
     with atomic_write(path) as tmp:
         fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
+    pyplot().close(fig)
 
 
 def plot_pretraining(metrics_path, png_path):
@@ -677,6 +683,7 @@ def plot_pretraining(metrics_path, png_path):
         rows = [json.loads(line) for line in f if line.strip()]
     steps = [r["step"] for r in rows]
     losses, accuracies = ([np.mean([m[i] for m in r["heldout"].values()]) for r in rows] for i in (0, 1))
+    plt = pyplot()
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(7, 2.8))
     ax_loss.plot(steps, losses, marker="o", ms=3), ax_loss.set_ylabel("held-out action loss")
     ax_acc.plot(steps, accuracies, marker="o", ms=3), ax_acc.set_ylabel("held-out action accuracy")
@@ -712,6 +719,7 @@ def write_sequence_report(run_dir, ckpt):
     )
     write_text(os.path.join(run_dir, "results.md"), report)
 
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(4.5, 1.5 + 0.5 * len(names)), max(4.0, 1.2 + 0.45 * len(names))))
     image = ax.imshow(S, vmin=0, vmax=1, cmap="viridis")
     metric = metric_name(names)

@@ -122,6 +122,7 @@ def test_metaworld_env_equals_one_built_through_the_official_mt1_benchmark():
     official.set_task(benchmark.train_tasks[0])
     official._freeze_rand_vec, official.seeded_rand_vec, official.max_path_length = False, True, 200
     ours = collect.make_env(name, seed=5).env
+    assert ours.model.ntex == 0 < official.model.ntex  # ours is built without textures: the physics must not differ
     actions = np.random.default_rng(0).uniform(-1, 1, (30, 4))
     for env in (official, ours):
         env.seed(5)
