@@ -300,7 +300,8 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, attn_mask, mod=None, cache=None, rows=None):
         """x (B, T, C); attn_mask (B, 1, T, T_all) bool, True = may attend; mod: this layer's modulators or None;
-        cache: None, or a dict holding the keys/values of earlier positions, extended in place (acting);
+        cache: None, or a dict holding the keys/values of earlier positions, extended in place (acting; its "room":
+        how many more positions will come);
         rows: None, or the (R,) indices of the only rows whose outputs are wanted -> (B, R, C); every row's keys and
         values are still computed."""
         B, T, C = x.shape
@@ -317,10 +318,13 @@ class CausalSelfAttention(nn.Module):
         if mod is not None and "prefix_k" in mod and not (cache and "k" in cache):  # L2P-PreT: the prompt's keys
             k, v = torch.cat([mod["prefix_k"], k], dim=1), torch.cat([mod["prefix_v"], v], dim=1)  # (B, N + T, C)
         q, k, v = (t.view(B, -1, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T', C/H)
-        if cache is not None:
-            if "k" in cache:
-                k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)  # (B, H, T_all, C/H)
-            cache["k"], cache["v"] = k, v
+        if cache is not None:  # written into buffers with room for the tokens to come: no copy of the old ones
+            if "k" not in cache:
+                cache["k"] = k.new_empty(B, self.n_head, k.shape[2] + cache["room"], C // self.n_head)
+                cache["v"], cache["n"] = torch.empty_like(cache["k"]), 0
+            n, n_new = cache["n"], cache["n"] + k.shape[2]
+            cache["k"][:, :, n:n_new], cache["v"][:, :, n:n_new], cache["n"] = k, v, n_new
+            k, v = cache["k"][:, :, :n_new], cache["v"][:, :, :n_new]  # (B, H, T_all, C/H)
         p = self.dropout if self.training else 0.0
         if q.device.type == "cuda":  # fused kernels
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)  # (B, H, T, C/H)
@@ -579,7 +583,7 @@ class DecisionTransformer(nn.Module):
                 action_bins[:, -1, j] = self.action_head(self.ln_f(x[:, -1])).argmax(-1)  # (B,)
                 tokens = self.embed(states, returns, action_bins, rewards, timesteps)
             return action_bins[:, -1, :act_dim], routing
-        caches = [dict() for _ in self.blocks]
+        caches = [dict(room=act_dim - 1) for _ in self.blocks]  # room: the action tokens after the first pass
         x, rows = tokens[:, :prefix], slice(0, R0 + prefix)
         for j in range(act_dim):
             m = mask[:, :, rows, : C0 - R0 + rows.stop]  # the new rows, against every key so far
