@@ -329,8 +329,9 @@ class CausalSelfAttention(nn.Module):
         if q.device.type == "cuda":  # fused kernels
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)  # (B, H, T, C/H)
         else:  # written out: on a CPU at our shapes, SDPA's kernels were 2-7x slower in bf16 (README, Performance)
-            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.shape[-1]))  # (B, H, T, T_all)
-            att = att.masked_fill(~attn_mask, float("-inf")).softmax(dim=-1)
+            scores = (q @ k.transpose(-2, -1)).mul_(1.0 / math.sqrt(k.shape[-1]))  # (B, H, T, T_all)
+            blocked = torch.zeros(attn_mask.shape, dtype=scores.dtype, device=scores.device)  # (B, 1, T, T_all)
+            att = scores.add_(blocked.masked_fill_(~attn_mask, float("-inf"))).softmax(dim=-1)  # added: no backward
             y = dropout(att, p, self.training) @ v  # (B, H, T, C/H)
         return dropout(self.proj(y.transpose(1, 2).reshape(B, q.shape[2], C)), self.dropout, self.training)
 
