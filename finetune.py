@@ -44,7 +44,7 @@ import torch
 from tqdm import tqdm
 
 from collect import check_output, fields_from, file_sha256, load_checkpoint, parse_args, resolve_tasks, save_atomic
-from evaluate import TASK_ID, build_model, evaluate_tasks, routing_accuracy, write_sequence_report
+from evaluate import TASK_ID, build_model, env_workers, evaluate_tasks, routing_accuracy, write_sequence_report
 from model import PRECISIONS, action_loss, keep_freed_memory, make_pool, resolve_device, use_bf16
 from pretrain import load_data, matmul_gflop, synchronize
 
@@ -491,6 +491,7 @@ def main(args):
         return launch(args)
     if args.threads:
         torch.set_num_threads(args.threads)
+    env_workers(torch.get_num_threads() - 1)  # the evaluations' env processes, forked before torch computes anything
     run_dir = args.run_dir or default_run_dir(args)
     out = os.path.join(run_dir, "ckpt.pt")
     try:
