@@ -249,6 +249,7 @@ def rollout(model, tasks, episodes, device, task_ids=None, bf16=False, env_proce
     routing = np.zeros((len(tasks), model.pool.size if model.pool is not None else 0), np.int64)
     actions_taken = np.zeros((length, N, act_dim), np.float32)
     model_seconds = env_seconds = 0.0
+    merged = {}  # L2M: pool entries folded into the weights they modulate, as they come up (model.act)
     for t in range(length):
         # shift the window by one and write the current step (state, return-to-go, timestep) into the last slot
         for buffer, pad in (
@@ -271,7 +272,9 @@ def rollout(model, tasks, episodes, device, task_ids=None, bf16=False, env_proce
             ids = model.pool.tasks.infer(query_sum / (t + 1))  # (N,)
             np.add.at(inferred, (env_task, ids.cpu().numpy()), 1)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            action_bins, route = model.act(states, returns, bins, rewards, timesteps, step_mask, act_dim, ids)
+            action_bins, route = model.act(
+                states, returns, bins, rewards, timesteps, step_mask, act_dim, ids, merged=merged
+            )
         actions_taken[t] = tokenizer.decode(action_bins).cpu().numpy()  # (N, act_dim) bin centres
         model_seconds += time.perf_counter() - start
         if route is not None:

@@ -170,9 +170,10 @@ class ModulationPool(KeyedPool):
             self.v_b = nn.Parameter(torch.zeros(P, L, r, C))
             self.mlp_b = nn.Parameter(torch.zeros(P, L, r, 4 * C))
 
-    def gather(self, index):
+    def gather(self, index, merged=None, blocks=None, rows=0, dense=False):
         """Each sample's modulators, per layer: a list of L dicts; for "ia3" k_scale, v_scale (B, 1, C) and
-        mlp_scale (B, 1, 4C); for "lora" q_a, q_b, v_a, v_b, mlp_a, mlp_b, select, scale, as follows.
+        mlp_scale (B, 1, 4C); for "lora" q_a, q_b, v_a, v_b, mlp_a, mlp_b, select, scale, as follows; acting with
+        merged weights (merged, a dict kept for one rollout; blocks; rows, the tokens per sample), see merge.
 
         A training batch uses a few entries (U, often 1). Applying those U entries to the whole batch, one matmul each,
         and zeroing the columns of other samples' entries (select (B, U*r)) is exact and much cheaper on a CPU than B
@@ -191,8 +192,10 @@ class ModulationPool(KeyedPool):
                 for layer in range(L)
             ]
         used, slot = torch.unique(index, return_inverse=True)  # (U,), (B,): the entries in use, each sample's slot
-        r = self.q_a.shape[-1]
-        if len(used) > DENSE_ENTRIES and not torch.is_grad_enabled():
+        r, C = self.q_a.shape[-1], self.q_a.shape[2]
+        if merged is not None and len(index) * rows >= len(used) * C:  # folding costs ~C rows' work per entry
+            return self.merge(index, merged, blocks)
+        if len(used) > DENSE_ENTRIES and not torch.is_grad_enabled() and not dense:
             return [
                 dict(
                     q_a=self.q_a[index, layer],
@@ -222,6 +225,49 @@ class ModulationPool(KeyedPool):
             )
             for layer in range(L)
         ]
+
+    def merge(self, index, merged, blocks):
+        """Acting: the batch ordered by entry (order, the argsort of index), each entry's LoRA folded into the frozen
+        weights it modulates for the first pass over the context (key "first"), so each entry's slice of the batch
+        costs one matmul per modulated layer and nothing more, and the dense form in that order for the later
+        single-token passes. On a CPU the per-sample form ran at ~8 GFLOP/s, a fifth of an acting step. Folded:
+        Q, V: x (W + s A B); the MLP's residual on its pre-activations, u + s (u A) B with u = x W + b, is
+        u (I + s A B) = x (W + s (W A) B) + (b + s (b A) B). merged: entry -> its folded weights per layer, filled
+        here as entries come up; it must not outlive the weights (a rollout keeps one)."""
+        order = torch.argsort(index, stable=True)  # (B,)
+        mods = self.gather(index[order], dense=True)  # in the new order
+        used, counts = torch.unique(index, return_counts=True)  # (U,) ascending: the order's groups
+        bounds = [0, *counts.cumsum(0).tolist()]
+        device = index.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.q_a.dtype
+        for e in used.tolist():
+            if (e, dtype) not in merged:
+                with torch.autocast(device, enabled=False):
+                    merged[e, dtype] = self.fold(e, blocks, dtype)
+        groups = list(zip(bounds[:-1], bounds[1:]))
+        for layer, mod in enumerate(mods):
+            weights = [merged[e, dtype][layer] for e in used.tolist()]
+            mod["first"] = dict(groups=groups, **{k: [w[i] for w in weights] for i, k in enumerate(FOLDED)})
+            mod["order"] = order
+        return mods
+
+    def fold(self, e, blocks, dtype):
+        """Entry e's LoRA folded into the blocks' weights (merge), computed in fp32 and cast to dtype -> per layer
+        [qkv (C, 3C), qkv_bias (3C,), fc (C, 4C), fc_bias (4C,)], weights as x @ W."""
+        s, C = self.scale, self.q_a.shape[2]
+        folded = []
+        for layer, block in enumerate(blocks):
+            qkv = block.attn.qkv.weight.T.clone()  # (C, 3C)
+            qkv[:, :C].addmm_(self.q_a[e, layer], self.q_b[e, layer], alpha=s)
+            qkv[:, 2 * C :].addmm_(self.v_a[e, layer], self.v_b[e, layer], alpha=s)
+            a, b, fc, fc_bias = self.mlp_a[e, layer], self.mlp_b[e, layer], block.mlp.fc.weight.T, block.mlp.fc.bias
+            fc = torch.addmm(fc, fc @ a, b, alpha=s)  # (C, 4C)
+            fc_bias = torch.addmv(fc_bias, b.T, fc_bias @ a, alpha=s)  # (4C,)
+            folded.append([w.to(dtype) for w in (qkv, block.attn.qkv.bias, fc, fc_bias)])
+        return folded
+
+
+FOLDED = ("qkv", "qkv_bias", "fc", "fc_bias")  # ModulationPool.merge: the folded weights of an entry, per layer
 
 
 class PromptPool(KeyedPool):
@@ -271,6 +317,16 @@ def add_low_rank(base, x, a, b, select, scale):
     return torch.addmm(base.flatten(0, 1), h.flatten(0, 1), b).view(base.shape)
 
 
+def grouped_linear(x, weights, biases, groups):
+    """x (B, T, in) whose samples groups[u] = (start, stop) go through weights[u] (in, out) and biases[u] (out,), one
+    matmul per group -> (B, T, out) (ModulationPool.merge)."""
+    x = x.to(weights[0].dtype)  # out= runs outside autocast: the weights carry its dtype
+    out = x.new_empty(*x.shape[:-1], weights[0].shape[-1])
+    for (start, stop), weight, bias in zip(groups, weights, biases):
+        torch.addmm(bias, x[start:stop].flatten(0, 1), weight, out=out[start:stop].flatten(0, 1))
+    return out
+
+
 def dropout(x, p, training):
     """Inverted dropout, its keep-mask drawn from 15 random bits per element: four elements share one int64 draw of
     torch's generator, which runs serially on a CPU (a float per element took a quarter of a bf16 pre-training step
@@ -305,7 +361,9 @@ class CausalSelfAttention(nn.Module):
         rows: None, or the (R,) indices of the only rows whose outputs are wanted -> (B, R, C); every row's keys and
         values are still computed."""
         B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=-1)  # (B, T, C) each
+        merged = mod is not None and "qkv" in mod  # L2M acting: each entry's LoRA folded into its weights
+        qkv = grouped_linear(x, mod["qkv"], mod["qkv_bias"], mod["groups"]) if merged else self.qkv(x)
+        q, k, v = qkv.split(C, dim=-1)  # (B, T, C) each
         if rows is not None:
             x_q, q, attn_mask = x.index_select(1, rows), q.index_select(1, rows), attn_mask.index_select(2, rows)
         else:
@@ -344,7 +402,8 @@ class MLP(nn.Module):
         self.dropout = cfg.dropout
 
     def forward(self, x, mod=None):
-        u = self.fc(x)  # (B, T, 4C)
+        merged = mod is not None and "fc" in mod  # L2M acting: each entry's LoRA folded into its weights
+        u = grouped_linear(x, mod["fc"], mod["fc_bias"], mod["groups"]) if merged else self.fc(x)  # (B, T, 4C)
         if mod is not None and "mlp_a" in mod:  # L2M: low-rank residual on the pre-activations, u + s (u A) B (MLPIA3)
             u = add_low_rank(u, u, mod["mlp_a"], mod["mlp_b"], mod["select"], mod["scale"])
         h = F.gelu(u)
@@ -508,8 +567,9 @@ class DecisionTransformer(nn.Module):
             )
         return x
 
-    def modulators(self, tokens, step_mask, task_ids=None):
-        """Route each sample to its pool entries and add the adapters. -> (per-layer dicts of modulators or None,
+    def modulators(self, tokens, step_mask, task_ids=None, merged=None):
+        """Route each sample to its pool entries and add the adapters (merged: acting, L2M's entries may come folded
+        into weights, ModulationPool.merge). -> (per-layer dicts of modulators or None,
         routing dict or None, L2P's prompt or None: dict(tokens (B, depth, N, C) to prepend, None for prefixes;
         n, the prompt keys every token attends to))."""
         mods = routing = prompt = None
@@ -525,7 +585,7 @@ class DecisionTransformer(nn.Module):
                     ]
                 prompt = dict(tokens=None if self.pool.kind == "pret" else chosen, n=chosen.shape[2])
             else:
-                mods = self.pool.gather(index)
+                mods = self.pool.gather(index, merged, self.blocks, tokens.shape[1])
         if self.adapters is not None:
             mods = [
                 {**(mods[layer] if mods else {}), "attn_adapter": pair[0], "mlp_adapter": pair[1]}
@@ -560,19 +620,38 @@ class DecisionTransformer(nn.Module):
     # --- acting ------------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def act(self, states, returns, action_bins, rewards, timesteps, step_mask, act_dim, task_ids=None, use_cache=True):
+    def act(
+        self,
+        states,
+        returns,
+        action_bins,
+        rewards,
+        timesteps,
+        step_mask,
+        act_dim,
+        task_ids=None,
+        use_cache=True,
+        merged=None,
+    ):
         """The next action of a batch of environments: argmax bins for dims 1..act_dim of the last timestep.
 
         Inputs are the context windows (as in forward) whose last timestep holds the current state and
         return-to-go; its action and reward tokens are ignored. Dim j is predicted after writing dims < j into
         the window. With use_cache, the tokens before a^1 are run once and their keys/values reused, so the
-        act_dim passes cost about one forward; without it, each pass runs the whole window again.
+        act_dim passes cost about one forward; without it, each pass runs the whole window again. merged: None, or
+        a dict a rollout keeps while the weights do not change, in which L2M's entries are folded into the weights
+        they modulate (ModulationPool.merge; where a batch has at least n_embd rows per entry in use).
         -> (B, act_dim) bins, and the routing dict (or None)."""
         K, S = returns.shape[1], self.cfg.tokens_per_step
         action_bins = action_bins.clone()
         action_bins[:, -1] = self.cfg.n_bins  # the current step's actions are unknown
         tokens = self.embed(states, returns, action_bins, rewards, timesteps)  # (B, T, C)
-        mods, routing, prompt = self.modulators(tokens, step_mask, task_ids)
+        mods, routing, prompt = self.modulators(tokens, step_mask, task_ids, merged)
+        first_mods, order = mods, None
+        if mods and "order" in mods[0]:  # L2M's entries folded into weights for the first pass: the batch reordered
+            first_mods, order = [mod["first"] for mod in mods], mods[0]["order"]  # ... so each entry's is one slice
+            inputs = (tokens, states, returns, action_bins, rewards, timesteps, step_mask)
+            tokens, states, returns, action_bins, rewards, timesteps, step_mask = (t[order] for t in inputs)
         prefix = (K - 1) * S + 2  # tokens up to and including the current R_t
         mask = self.attention_mask(step_mask, prompt)  # (B, 1, R0 + T, C0 + T)
         C0 = prompt["n"] if prompt is not None else 0  # L2P: prompt keys in front of the tokens' keys
@@ -580,15 +659,14 @@ class DecisionTransformer(nn.Module):
         if not use_cache:
             for j in range(act_dim):
                 m = mask[:, :, : R0 + prefix + j, : C0 + prefix + j]
-                x = self.run_blocks(tokens[:, : prefix + j], m, mods, prompt)
+                x = self.run_blocks(tokens[:, : prefix + j], m, first_mods if j == 0 else mods, prompt)
                 action_bins[:, -1, j] = self.action_head(self.ln_f(x[:, -1])).argmax(-1)  # (B,)
                 tokens = self.embed(states, returns, action_bins, rewards, timesteps)
-            return action_bins[:, -1, :act_dim], routing
         caches = [dict(room=act_dim - 1) for _ in self.blocks]  # room: the action tokens after the first pass
         x, rows = tokens[:, :prefix], slice(0, R0 + prefix)
-        for j in range(act_dim):
+        for j in range(act_dim if use_cache else 0):
             m = mask[:, :, rows, : C0 - R0 + rows.stop]  # the new rows, against every key so far
-            x = self.run_blocks(x, m, mods, prompt, caches, first=j == 0)
+            x = self.run_blocks(x, m, first_mods if j == 0 else mods, prompt, caches, first=j == 0)
             action_bins[:, -1, j] = self.action_head(self.ln_f(x[:, -1])).argmax(-1)  # (B,)
             if j + 1 < act_dim:  # embed just the new action token: its own embedding + time, then the LayerNorm
                 t = timesteps[:, -1]
@@ -596,7 +674,8 @@ class DecisionTransformer(nn.Module):
                     :, None
                 ]  # (B, 1, C)
                 rows = slice(R0 + prefix + j, R0 + prefix + j + 1)
-        return action_bins[:, -1, :act_dim], routing
+        chosen = action_bins[:, -1, :act_dim]  # (B, act_dim), in the batch's order
+        return (chosen if order is None else chosen[torch.argsort(order)]), routing
 
     @classmethod
     def from_checkpoint(cls, pretrained, finetuned=None):

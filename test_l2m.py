@@ -849,6 +849,37 @@ def test_cached_acting_equals_uncached(pool):
         assert cached.shape == (6, act_dim) and torch.equal(cached, plain)
 
 
+def test_acting_with_entries_folded_into_the_weights_picks_the_same_actions():
+    """ModulationPool.merge: each entry's LoRA folded into the frozen weights it modulates, the batch reordered so each
+    entry's samples are one slice; the same actions as applying the modulators per sample, cached or not, returned
+    in the batch's own order; the folded weights kept in the rollout's dict, in the autocast dtype under bf16."""
+    net, b = modulated_model({"pool_size": 4})
+    with torch.no_grad():
+        net.pool.keys.copy_(torch.randn(4, 32))
+        net.pool.v_b.normal_(0, 0.3)
+        for block in net.blocks:  # biases, so folding the MLP's includes them
+            block.mlp.fc.bias.normal_(0, 0.3)
+    plain, routing = net.act(**b, act_dim=6)
+    index = routing["index"].tolist()
+    assert len(set(index)) >= 3 and index != sorted(index), "the batch should interleave several entries"
+    merged, tokens, mask = {}, net.embed(*list(b.values())[:5]), net.attention_mask(b["step_mask"])
+    with torch.no_grad():  # as in acting
+        mods, _, _ = net.modulators(tokens, b["step_mask"], merged=merged)
+        order, per_sample = mods[0]["order"], net.modulators(tokens, b["step_mask"])[0]
+        folded_x = net.run_blocks(tokens[order], mask[order], [mod["first"] for mod in mods], None)  # (6, 45, 32)
+        assert torch.allclose(folded_x, net.run_blocks(tokens, mask, per_sample, None)[order], atol=1e-5)
+        assert not torch.allclose(folded_x, net.run_blocks(tokens, mask, None, None)[order], atol=1e-2)  # they matter
+    assert sorted(e for e, _ in merged) == sorted(set(index))
+    for act_dim in (1, 4, 6):
+        folded, folded_routing = net.act(**b, act_dim=act_dim, merged=merged)
+        uncached, _ = net.act(**b, act_dim=act_dim, use_cache=False, merged=merged)
+        assert torch.equal(folded, plain[:, :act_dim]) and torch.equal(uncached, plain[:, :act_dim])
+        assert torch.equal(folded_routing["index"], routing["index"])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16, _ = net.act(**b, act_dim=6, merged=merged)
+    assert bf16.shape == (6, 6) and {dtype for _, dtype in merged} == {torch.float32, torch.bfloat16}
+
+
 @pytest.mark.parametrize("pool", PROMPTS, ids=lambda p: p["kind"])
 def test_prompts_keep_causality_and_padding_invisible(pool):
     net, b = tiny_model(**pool), random_batch()
