@@ -304,16 +304,17 @@ def make_pool(n_layer, n_embd, kind="lora", **kwargs):
 DENSE_ENTRIES = 4  # acting with more entries than this in a batch, modulators are applied per sample (see gather)
 
 
-def add_low_rank(base, x, a, b, select, scale):
+def add_low_rank(base, x, a, b, select, scale, a_bias=0.0):
     """base + a per-sample low-rank residual s * (x A_i) B_i -> (B, T, out), for base (B, T, out), x (B, T, in) and
     either
     dense: a (in, U*r), b (U*r, out), select (B, U*r): x @ a computes every used entry's r columns, select keeps the
            sample's own; or
     per sample: a (B, in, r), b (B, r, out), select None.
-    The scale goes on the rank-r product and the sum into the last matmul: no extra pass over a (B, T, out) tensor."""
+    a_bias (dense only): added to x @ a. The scale goes on the rank-r product and the sum into the last matmul: no
+    extra pass over a (B, T, out) tensor."""
     if select is None:
         return torch.baddbmm(base, torch.bmm(x, a) * scale, b)
-    h = (x @ a) * (select * scale)[:, None, :]  # (B, T, U*r)
+    h = (x @ a + a_bias) * (select * scale)[:, None, :]  # (B, T, U*r)
     return torch.addmm(base.flatten(0, 1), h.flatten(0, 1), b).view(base.shape)
 
 
@@ -404,8 +405,11 @@ class MLP(nn.Module):
     def forward(self, x, mod=None):
         merged = mod is not None and "fc" in mod  # L2M acting: each entry's LoRA folded into its weights
         u = grouped_linear(x, mod["fc"], mod["fc_bias"], mod["groups"]) if merged else self.fc(x)  # (B, T, 4C)
-        if mod is not None and "mlp_a" in mod:  # L2M: low-rank residual on the pre-activations, u + s (u A) B (MLPIA3)
-            u = add_low_rank(u, u, mod["mlp_a"], mod["mlp_b"], mod["select"], mod["scale"])
+        if mod is not None and "mlp_a" in mod and mod["select"] is None:  # L2M, per sample: u + s (u A) B (MLPIA3)
+            u = add_low_rank(u, u, mod["mlp_a"], mod["mlp_b"], None, mod["scale"])
+        elif mod is not None and "mlp_a" in mod:  # dense: u A = x (W A) + b A, from the C-wide input, not the 4C-wide u
+            a = self.fc.weight.T @ mod["mlp_a"]  # (C, U*r): reading u forward and backward was a fifth of an L2M step
+            u = add_low_rank(u, x, a, mod["mlp_b"], mod["select"], mod["scale"], self.fc.bias @ mod["mlp_a"])
         h = F.gelu(u)
         if mod is not None and "mlp_scale" in mod:  # (IA)3: the hidden activations rescaled, after the GELU (MLPIA3)
             h = h * mod["mlp_scale"]

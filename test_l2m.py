@@ -608,9 +608,9 @@ def test_routing_runs_in_fp32_under_bf16_autocast():
 
 def test_a_frozen_backbone_step_computes_only_input_gradients():
     """Why L2M's step is cheaper than full fine-tuning's: with the backbone frozen, backward computes no weight
-    gradients, so a step with one pool entry in use counts 0.715 of ft's matrix FLOPs (2/3 for the dropped weight
-    gradients plus the modulators' own work; README, Performance)."""
-    b = random_batch(B=4, pad=False)
+    gradients, so a step of the default batch (64) with one pool entry in use counts 0.70 of ft's matrix FLOPs (2/3
+    for the dropped weight gradients plus the modulators' own work; README, Performance)."""
+    b = random_batch(B=64, pad=False)
 
     def step_gflop(l2m):
         torch.manual_seed(0)
@@ -626,7 +626,7 @@ def test_a_frozen_backbone_step_computes_only_input_gradients():
 
         return matmul_gflop(step)
 
-    assert step_gflop(True) / step_gflop(False) == pytest.approx(0.715, abs=0.005)
+    assert step_gflop(True) / step_gflop(False) == pytest.approx(0.701, abs=0.003)
 
 
 def test_tokenizer_round_trip():
