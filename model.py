@@ -405,11 +405,13 @@ class MLP(nn.Module):
     def forward(self, x, mod=None):
         merged = mod is not None and "fc" in mod  # L2M acting: each entry's LoRA folded into its weights
         u = grouped_linear(x, mod["fc"], mod["fc_bias"], mod["groups"]) if merged else self.fc(x)  # (B, T, 4C)
-        if mod is not None and "mlp_a" in mod and mod["select"] is None:  # L2M, per sample: u + s (u A) B (MLPIA3)
-            u = add_low_rank(u, u, mod["mlp_a"], mod["mlp_b"], None, mod["scale"])
-        elif mod is not None and "mlp_a" in mod:  # dense: u A = x (W A) + b A, from the C-wide input, not the 4C-wide u
-            a = self.fc.weight.T @ mod["mlp_a"]  # (C, U*r): reading u forward and backward was a fifth of an L2M step
-            u = add_low_rank(u, x, a, mod["mlp_b"], mod["select"], mod["scale"], self.fc.bias @ mod["mlp_a"])
+        if mod is not None and "mlp_a" in mod:  # L2M: low-rank residual on the pre-activations, u + s (u A) B (MLPIA3)
+            a, a_bias, source = mod["mlp_a"], 0.0, u
+            if mod["select"] is not None and 3 * x[..., 0].numel() > u.shape[-1]:  # dense, more than 4C/3 rows:
+                # u A = x (W A) + b A reads the C-wide x instead of the 4C-wide u, forward and backward (those skinny
+                # matmuls were a fifth of an L2M training step); W A costs 4C^2 r once, and saves 3C r per row
+                a, a_bias, source = self.fc.weight.T @ a, self.fc.bias @ a, x
+            u = add_low_rank(u, source, a, mod["mlp_b"], mod["select"], mod["scale"], a_bias)
         h = F.gelu(u)
         if mod is not None and "mlp_scale" in mod:  # (IA)3: the hidden activations rescaled, after the GELU (MLPIA3)
             h = h * mod["mlp_scale"]
