@@ -665,8 +665,8 @@ def compare_runs(run_dirs, reference_dir=""):
 
 
 def pyplot():
-    """matplotlib.pyplot, drawing to files only. Imported where figures are made, not with this module: every env
-    worker process imports this module again (spawn), and pyplot was 0.5 s of its start."""
+    """matplotlib.pyplot, drawing to files only. Imported where figures are made, not with this module: a spawned
+    env worker (macOS, Windows) imports this module again, and pyplot was 0.5 s of its start."""
     import matplotlib
 
     matplotlib.use("Agg")

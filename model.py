@@ -237,16 +237,16 @@ class ModulationPool(KeyedPool):
         order = torch.argsort(index, stable=True)  # (B,)
         mods = self.gather(index[order], dense=True)  # in the new order
         used, counts = torch.unique(index, return_counts=True)  # (U,) ascending: the order's groups
-        bounds = [0, *counts.cumsum(0).tolist()]
+        entries, bounds = used.tolist(), [0, *counts.cumsum(0).tolist()]
         device = index.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.q_a.dtype
-        for e in used.tolist():
+        for e in entries:
             if (e, dtype) not in merged:
                 with torch.autocast(device, enabled=False):
                     merged[e, dtype] = self.fold(e, blocks, dtype)
         groups = list(zip(bounds[:-1], bounds[1:]))
         for layer, mod in enumerate(mods):
-            weights = [merged[e, dtype][layer] for e in used.tolist()]
+            weights = [merged[e, dtype][layer] for e in entries]
             mod["first"] = dict(groups=groups, **{k: [w[i] for w in weights] for i, k in enumerate(FOLDED)})
             mod["order"] = order
         return mods
@@ -591,7 +591,8 @@ class DecisionTransformer(nn.Module):
                     ]
                 prompt = dict(tokens=None if self.pool.kind == "pret" else chosen, n=chosen.shape[2])
             else:
-                mods = self.pool.gather(index, merged, self.blocks, tokens.shape[1])
+                folding = merged if self.adapters is None else None  # the folded first pass has no adapter keys
+                mods = self.pool.gather(index, folding, self.blocks, tokens.shape[1])
         if self.adapters is not None:
             mods = [
                 {**(mods[layer] if mods else {}), "attn_adapter": pair[0], "mlp_adapter": pair[1]}

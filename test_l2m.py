@@ -849,10 +849,11 @@ def test_cached_acting_equals_uncached(pool):
         assert cached.shape == (6, act_dim) and torch.equal(cached, plain)
 
 
-def test_acting_with_entries_folded_into_the_weights_picks_the_same_actions():
+def test_acting_with_entries_folded_into_the_weights_picks_the_same_actions(monkeypatch):
     """ModulationPool.merge: each entry's LoRA folded into the frozen weights it modulates, the batch reordered so each
     entry's samples are one slice; the same actions as applying the modulators per sample, cached or not, returned
     in the batch's own order; the folded weights kept in the rollout's dict, in the autocast dtype under bf16."""
+    monkeypatch.setattr(M, "DENSE_ENTRIES", 0)  # the unfolded reference: per sample, as acting on many entries
     net, b = modulated_model({"pool_size": 4})
     with torch.no_grad():
         net.pool.keys.copy_(torch.randn(4, 32))
@@ -866,6 +867,7 @@ def test_acting_with_entries_folded_into_the_weights_picks_the_same_actions():
     with torch.no_grad():  # as in acting
         mods, _, _ = net.modulators(tokens, b["step_mask"], merged=merged)
         order, per_sample = mods[0]["order"], net.modulators(tokens, b["step_mask"])[0]
+        assert per_sample[0]["select"] is None and mods[0]["select"] is not None  # later passes: the dense form
         folded_x = net.run_blocks(tokens[order], mask[order], [mod["first"] for mod in mods], None)  # (6, 45, 32)
         assert torch.allclose(folded_x, net.run_blocks(tokens, mask, per_sample, None)[order], atol=1e-5)
         assert not torch.allclose(folded_x, net.run_blocks(tokens, mask, None, None)[order], atol=1e-2)  # they matter
