@@ -70,6 +70,11 @@ class Args:
     """cosine decay floor (paper: 1e-6)"""
     warmup_steps: int = 500
     """linear warm-up steps (paper: 4000)"""
+    schedule: str = "cosine"
+    """cosine (decay over all steps after warm-up, as the authors) | wsd (warm-up, constant lr, then a decay over the
+    last --decay-frac of the steps, from which shorter budgets can branch: see --snapshots and --branch-from)"""
+    decay_frac: float = 0.2
+    """wsd: the share of --steps spent decaying lr to --min-lr, as 1 - sqrt(progress) (Hagele et al. 2024)"""
     weight_decay: float = 0.01
     """AdamW weight decay on Linear weights (authors)"""
     grad_clip: float = 0.25
@@ -98,6 +103,12 @@ class Args:
     """report held-out action loss/accuracy per task every N steps"""
     save_every: int = 1000
     """write the checkpoint every N steps (and at the end)"""
+    snapshots: str = ""
+    """comma-separated steps at which to keep a copy of the checkpoint beside --out (ckpt-step<N>.pt): the points a
+    wsd run's decays branch from"""
+    branch_from: str = ""
+    """start from this wsd snapshot (weights, optimizer, RNG, step) and run to this run's --steps with its own decay;
+    every other setting must equal the snapshot's"""
     resume: bool = False
     """continue from --out if it exists"""
     overwrite: bool = False
@@ -107,7 +118,7 @@ class Args:
 
 
 GROUPS = {"data": "tasks", "optimization": "steps", "model": "n_layer", "run control": "out"}
-CHOICES = {"precision": PRECISIONS}
+CHOICES = {"precision": PRECISIONS, "schedule": ("cosine", "wsd")}
 # how a run executes and where it lives, not what it computes: these may differ between a run and its resumption
 RUN_CONTROL = fields_from(Args, GROUPS["run control"])
 
@@ -305,12 +316,61 @@ def load_data(names, data_dir, holdout_episodes, K, act_dim, n_bins, seed):
 # Training helpers
 
 
+def decay_start(args):
+    """The first step of a wsd run's decay: until then lr is constant, so a longer run passes through this run."""
+    return args.steps - round(args.decay_frac * args.steps)
+
+
 def lr_at(step, args):
-    """Linear warm-up to args.lr, then cosine decay to args.min_lr at the last step."""
+    """Linear warm-up to args.lr, then either cosine decay to args.min_lr at the last step, or (wsd) constant lr until
+    decay_start and a 1 - sqrt decay to args.min_lr at the last step (warmup-stable-decay: MiniCPM, Hu et al. 2024;
+    the 1 - sqrt shape from Hagele et al. 2024, which matched a cosine run of the same length)."""
     if step < args.warmup_steps:
         return args.lr * (step + 1) / args.warmup_steps
+    if args.schedule == "wsd":
+        start = max(decay_start(args), args.warmup_steps)
+        progress = (step - start) / max(1, args.steps - start)
+        return args.min_lr + (args.lr - args.min_lr) * (1 - math.sqrt(min(1.0, max(0.0, progress))))
     progress = (step - args.warmup_steps) / max(1, args.steps - args.warmup_steps)
     return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def snapshot_steps(spec):
+    """'6000,12000' -> {6000, 12000}; raises ValueError on anything but positive integers."""
+    try:
+        steps = {int(s) for s in spec.split(",") if s.strip()}
+    except ValueError:
+        raise ValueError(f"--snapshots {spec!r}: expected comma-separated step numbers such as 6000,12000") from None
+    if any(s < 1 for s in steps):
+        raise ValueError(f"--snapshots {spec!r}: steps must be at least 1")
+    return steps
+
+
+def snapshot_path(out, step):
+    """Where --snapshots keeps the checkpoint of `step`: beside --out."""
+    return os.path.join(os.path.dirname(out) or ".", f"ckpt-step{step}.pt")
+
+
+def check_branch(source, args):
+    """Refuse a --branch-from snapshot that this run would not have passed through itself: another setting than
+    --steps (and run control), not a wsd run, or a step past its own or this run's constant-lr phase."""
+    differs = [
+        f"--{k.replace('_', '-')} {source['args'][k]!r} (snapshot) vs {v!r} (now)"
+        for k, v in asdict(args).items()
+        if k not in RUN_CONTROL and k != "steps" and source["args"].get(k) != v
+    ]
+    if differs:
+        raise ValueError(
+            f"cannot branch from {args.branch_from}: it was made with other settings: {'; '.join(differs)}"
+        )
+    if args.schedule != "wsd":
+        raise ValueError("--branch-from needs --schedule wsd (a cosine run's lr at a snapshot depends on its length)")
+    snapshot_args = Args(**{**asdict(args), "steps": source["args"]["steps"]})
+    if source["step"] > min(decay_start(snapshot_args), decay_start(args)):
+        raise ValueError(
+            f"cannot branch from {args.branch_from}: its step {source['step']} is past the constant-lr phase "
+            f"(the snapshot's run decays from step {decay_start(snapshot_args)}, this one from {decay_start(args)})"
+        )
 
 
 @torch.no_grad()
@@ -385,6 +445,9 @@ def main(args):
                 "need --lr > 0, --holdout-episodes >= 0 and --n-head dividing --n-embd "
                 f"({args.n_embd} by {args.n_head})"
             )
+        if not 0 < args.decay_frac <= 1:
+            raise ValueError(f"--decay-frac {args.decay_frac}: the share of steps spent decaying must be in (0, 1]")
+        snapshots = snapshot_steps(args.snapshots)
         check_output(args.out, "--out", is_dir=False)
         if os.path.exists(args.out) and not (args.resume or args.overwrite or args.bench):
             raise ValueError(
@@ -394,11 +457,11 @@ def main(args):
         names = resolve_tasks(args.tasks)
         bf16 = use_bf16(args.precision, device)
         act_dim = args.act_dim or max(6 if n in DMC16 else 4 for n in names)
-        ckpt = None
+        ckpt, origin = None, "new"
         if args.resume and not os.path.exists(args.out) and is_main:
             print(f"no checkpoint at {args.out} yet: starting a new run")
         if args.resume and os.path.exists(args.out):
-            ckpt = load_checkpoint(args.out, kinds=("pretrain",))
+            ckpt, origin = load_checkpoint(args.out, kinds=("pretrain",)), "resuming"
             differs = [
                 f"--{k.replace('_', '-')} {ckpt['args'][k]!r} (checkpoint) vs {v!r} (now)"
                 for k, v in asdict(args).items()
@@ -408,6 +471,13 @@ def main(args):
                 differs.append(f"{ckpt.get('world_size', 1)} processes (checkpoint) vs {world_size} (now)")
             if differs:
                 raise ValueError(f"cannot resume {args.out}: it was made with other settings: {'; '.join(differs)}")
+        elif args.branch_from:
+            ckpt, origin = load_checkpoint(args.branch_from, kinds=("pretrain",)), f"branching from {args.branch_from}"
+            check_branch(ckpt, args)
+            if ckpt.get("world_size", 1) != world_size:
+                raise ValueError(
+                    f"{args.branch_from} was made by {ckpt.get('world_size', 1)} processes, not {world_size}"
+                )
         tasks, dataset, pools, heldout = load_data(
             names, args.data_dir, args.holdout_episodes, args.context_len, act_dim, DTConfig.n_bins, args.seed + rank
         )
@@ -478,7 +548,7 @@ def main(args):
         return
     if is_main:
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        if ckpt is None and os.path.exists(metrics_path):  # a new run starts a new log
+        if origin != "resuming" and os.path.exists(metrics_path):  # a new run (or branch) starts a new log
             os.remove(metrics_path)
         elif os.path.exists(metrics_path):  # a resumed run drops what it logged after its last save (it redoes it)
             with open(metrics_path) as f:
@@ -488,7 +558,7 @@ def main(args):
             f"{n_params / 1e6:.2f}M parameters | {len(tasks)} tasks, "
             f"{sum(t['transitions'] for t in tasks):,} transitions | "
             f"{world_size} process(es) on {device} | {tokens_per_step} tokens per step | "
-            f"{'bf16' if bf16 else 'fp32'}" + (f" | resuming at step {step}" if step else "")
+            f"{'bf16' if bf16 else 'fp32'}" + (f" | {origin} at step {step}" if ckpt is not None else "")
         )
 
     def checkpoint():
@@ -502,19 +572,19 @@ def main(args):
             dist.all_gather_object(gathered, rng)
             rng = {key: [g[key][0] for g in gathered] for key in rng}
         if is_main:
-            save_atomic(
-                dict(
-                    model=model.state_dict(),
-                    model_args=asdict(cfg),
-                    args=asdict(args),
-                    tasks=tasks,
-                    optimizer=optimizer.state_dict(),
-                    rng=rng,
-                    step=step,
-                    world_size=world_size,
-                ),
-                args.out,
+            state = dict(
+                model=model.state_dict(),
+                model_args=asdict(cfg),
+                args=asdict(args),
+                tasks=tasks,
+                optimizer=optimizer.state_dict(),
+                rng=rng,
+                step=step,
+                world_size=world_size,
             )
+            save_atomic(state, args.out)
+            if step in snapshots:
+                save_atomic(state, snapshot_path(args.out, step))
 
     # --- the training loop ----------------------------------------------------------------------------------
     bar = tqdm(total=args.steps, initial=step, disable=not (is_main and sys.stderr.isatty()), dynamic_ncols=True)
@@ -548,7 +618,7 @@ def main(args):
                 f"step {step} | held-out loss {mean_loss:.3f} acc {mean_acc:.3f}{split} | lowest acc: "
                 + ", ".join(f"{n} {a:.2f}" for n, (_, a) in worst)
             )
-        if step % args.save_every == 0 or step == args.steps:
+        if step % args.save_every == 0 or step == args.steps or step in snapshots:
             checkpoint()
     bar.close()
 

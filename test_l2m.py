@@ -1060,6 +1060,37 @@ def test_checkpoint_round_trip_gives_identical_actions(fake_data):
     assert not torch.equal(forward(trained, b)[0], forward(net, b)[0])  # the file's weights decide the actions
 
 
+def test_wsd_lr_is_constant_until_its_decay_then_falls_to_min_lr():
+    args = pretrain.Args(steps=100, warmup_steps=10, lr=1e-3, min_lr=1e-5, schedule="wsd", decay_frac=0.2)
+    lrs = [pretrain.lr_at(step, args) for step in range(100)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)  # warm-up
+    assert all(lr == 1e-3 for lr in lrs[10:81])  # stable until step 80 = 100 - 0.2 * 100
+    assert all(a > b for a, b in zip(lrs[80:], lrs[81:])) and lrs[99] > 1e-5  # decaying
+    assert pretrain.lr_at(100, args) == pytest.approx(1e-5)
+    longer = pretrain.Args(**{**asdict(args), "steps": 400})
+    assert [pretrain.lr_at(s, longer) for s in range(81)] == lrs[:81]  # a longer run passes through this one
+
+
+def test_a_decay_branched_from_a_snapshot_equals_the_run_that_made_it(fake_data, capsys):
+    wsd = dict(schedule="wsd", decay_frac=0.5, steps=8, warmup_steps=2, eval_every=4, save_every=100)
+    pretrain.main(pretrain_args(fake_data, out=str(fake_data / "a" / "ckpt.pt"), snapshots="3", **wsd))
+    snapshot = fake_data / "a" / "ckpt-step3.pt"
+    assert torch.load(snapshot, weights_only=True)["step"] == 3
+    pretrain.main(pretrain_args(fake_data, out=str(fake_data / "b" / "ckpt.pt"), branch_from=str(snapshot), **wsd))
+    straight = torch.load(fake_data / "a" / "ckpt.pt", weights_only=True)
+    branched = torch.load(fake_data / "b" / "ckpt.pt", weights_only=True)
+    assert branched["step"] == 8
+    for k, v in straight["model"].items():
+        assert torch.equal(v, branched["model"][k]), k
+    # a snapshot past the branch's constant-lr phase, or one made with other settings, is refused before any work
+    argv = ["--branch-from", str(snapshot), "--out", str(fake_data / "c" / "ckpt.pt")]
+    base = [f"--{k.replace('_', '-')}={v}" for k, v in asdict(pretrain_args(fake_data, **wsd)).items()]
+    base = [a for a in base if not a.startswith(("--out", "--resume", "--overwrite", "--branch-from", "--snapshots"))]
+    assert "past the constant-lr phase" in refuses(pretrain, base + argv + ["--steps", "4"], capsys)
+    assert "--lr 0.001 (snapshot) vs 0.002 (now)" in refuses(pretrain, base + argv + ["--lr", "2e-3"], capsys)
+    assert not (fake_data / "c").exists()
+
+
 def test_resume_with_other_settings_says_what_differs(fake_data, capsys):
     pretrain.main(pretrain_args(fake_data))
     argv = [f"--{k.replace('_', '-')}={v}" for k, v in asdict(pretrain_args(fake_data, n_embd=64)).items()]
