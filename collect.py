@@ -41,8 +41,10 @@ import functools
 import glob
 import hashlib
 import inspect
+import math
 import multiprocessing
 import pickle
+import re
 import shutil
 import sys
 import tempfile
@@ -506,30 +508,30 @@ class Args:
     <task>-v2.pkl replay buffers, DMControl <domain>_<task>.npz"""
     episodes: int = None
     """episodes recorded per task; for sac also its training budget (episodes x horizon env steps).
-    Default: scripted 100, sac 50"""
+    Default: scripted 100, sac 50 [>= 1]"""
     noise_levels: str = "0,0.1,0.3,0.5"
     """scripted: Gaussian action-noise stds, one drawn per episode"""
     hold: str = "auto"
     """scripted: what the expert does once the task is solved: auto (per task, the rule that keeps it solved most
     often), hold, stop, push, seek, expert, or none"""
     seed: int = 0
-    """base seed; each task's seed is derived from it and the task's name"""
+    """base seed; each task's seed is derived from it and the task's name [>= 0]"""
     data_dir: str = "data"
     """output directory for <task>.npz"""
     workers: int = os.cpu_count() or 1
-    """parallel worker processes, one task each"""
+    """parallel worker processes, one task each [>= 1]"""
     overwrite: bool = False
     """rewrite existing files instead of skipping them"""
     sac_warmup_steps: int = 5000
-    """uniform-random actions before learning starts"""
+    """uniform-random actions before learning starts [>= 0]"""
     sac_utd: float = 1.0
-    """gradient updates per env step (update-to-data ratio)"""
+    """gradient updates per env step (update-to-data ratio) [> 0]"""
     sac_hidden: int = 256
-    """width of the two hidden layers of actor and critics"""
+    """width of the two hidden layers of actor and critics [>= 1]"""
     sac_batch_size: int = 128
-    """minibatch size per update"""
+    """minibatch size per update [>= 1]"""
     sac_lr: float = 3e-4
-    """Adam learning rate of actor, critics and temperature"""
+    """Adam learning rate of actor, critics and temperature [> 0]"""
 
 
 GROUPS = {"what to collect": "tasks", "output": "data_dir", "sac (DMControl)": "sac_warmup_steps"}
@@ -557,6 +559,26 @@ def field_help(args_cls):
     }
 
 
+RANGE_AT_END = re.compile(r"\[(>=|>) *(-?[0-9.e+-]+)\]$|([\[(]) *(-?[0-9.e+-]+), *([0-9.e+-]+) *([\])])$")
+
+
+def allowed_range(help_text):
+    """A field's range, written at the end of its help: `[>= 1]`, `[> 0]`, `[0, 1)`, ... -> (a test, its text),
+    or None where the help declares none."""
+    match = RANGE_AT_END.search(help_text)
+    if match is None:
+        return None
+    op, bound, left, low, high, right = match.groups()
+    if op:
+        bound = float(bound)
+        return (lambda x: x >= bound) if op == ">=" else (lambda x: x > bound), f"{op} {match.group(2)}"
+    low, high = float(low), float(high)
+    return (
+        lambda x: (low <= x if left == "[" else low < x) and (x <= high if right == "]" else x < high),
+        f"in {match.group(0)}",
+    )
+
+
 def fields_from(args_cls, first):
     """The names of args_cls's fields from `first` to the last: the --help group that closes an Args dataclass."""
     names = [f.name for f in dataclasses.fields(args_cls)]
@@ -566,7 +588,8 @@ def fields_from(args_cls, first):
 def parse_args(args_cls, argv=None, description=None, groups=None, choices=None):
     """A stdlib argparse built from a dataclass: one flag per field (--snake-case) with its default and help.
     `groups` {heading: first field}: --help lists the flags under headings, each from its first field on;
-    `choices` {field: allowed values}: anything else is rejected with one line."""
+    `choices` {field: allowed values}: anything else is rejected with one line, as is a number outside the range
+    that the end of its field's help declares ([>= 1], [> 0], [0, 1), ...)."""
     parser = ArgumentParser(description=description, formatter_class=HelpFormatter)
     helps, section = field_help(args_cls), parser
     starts = {first: heading for heading, first in (groups or {}).items()}
@@ -580,7 +603,16 @@ def parse_args(args_cls, argv=None, description=None, groups=None, choices=None)
             section.add_argument(
                 flag, type=kind, default=f.default, help=helps[f.name], choices=(choices or {}).get(f.name)
             )
-    return args_cls(**vars(parser.parse_args(argv)))
+    values = vars(parser.parse_args(argv))
+    for name, value in values.items():  # every number against the range its help declares, before any work
+        allowed = allowed_range(helps[name])
+        if allowed is None or value is None or isinstance(value, bool):
+            continue
+        test, text = allowed
+        if not (math.isfinite(value) and test(value)):
+            flag = "--" + name.replace("_", "-")
+            parser.error(f"{flag} {value} is out of range: it must be {text} ({helps[name].rsplit(' [', 1)[0]})")
+    return args_cls(**values)
 
 
 @contextlib.contextmanager
@@ -893,8 +925,6 @@ def check_args(args):
         raise ValueError(
             f"--source scripted has experts only for Meta-World; use --source sac (or auto) for {', '.join(bad)}"
         )
-    if args.episodes is not None and args.episodes < 1:
-        raise ValueError(f"--episodes must be at least 1 (got {args.episodes})")
     try:
         noise = [float(x) for x in args.noise_levels.split(",")]
     except ValueError:
@@ -903,11 +933,7 @@ def check_args(args):
         raise ValueError(f"--noise-levels must be >= 0, got {args.noise_levels!r}")
     if args.hold not in HOLD_CHOICES:
         raise ValueError(f"unknown --hold {args.hold!r}: use one of {', '.join(HOLD_CHOICES)}")
-    if args.workers < 1:
-        raise ValueError(f"--workers must be at least 1 (got {args.workers})")
     check_output(args.data_dir, "--data-dir", is_dir=True)
-    if args.sac_batch_size < 1 or args.sac_hidden < 1 or args.sac_utd < 0 or args.sac_warmup_steps < 0:
-        raise ValueError("--sac-batch-size and --sac-hidden must be >= 1, --sac-utd and --sac-warmup-steps >= 0")
     return names
 
 

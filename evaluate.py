@@ -51,7 +51,7 @@ class Args:
     tasks: str = ""
     """tasks to evaluate (names or list names); empty = every task the checkpoint knows"""
     episodes: int = 10
-    """episodes per task"""
+    """episodes per task [>= 1]"""
     out: str = ""
     """output directory; empty = <checkpoint's directory>/eval"""
     device: str = "auto"
@@ -809,8 +809,6 @@ def main(args):
         print(table + f"wrote {out}/comparison.md")
         return
     try:
-        if args.episodes < 1:
-            raise ValueError(f"--episodes must be at least 1 (got {args.episodes})")
         out = args.out or os.path.join(os.path.dirname(args.ckpt) or ".", "eval")
         check_output(out, "--out", is_dir=True)
         env_processes = torch.get_num_threads()  # as many as the cores this process may use

@@ -59,50 +59,51 @@ class Args:
     data_dir: str = "data"
     """directory of <task>.npz files written by collect.py"""
     seed: int = 0
-    """seed for initialization, sampling and dropout"""
+    """seed for initialization, sampling and dropout [>= 0]"""
     steps: int = 24000
-    """optimizer steps (the default takes ~24 min on 2 idle cores: ~60 ms/step)"""
+    """optimizer steps (the default takes ~24 min on 2 idle cores: ~60 ms/step) [>= 1]"""
     batch_size: int = 64
-    """windows per step (per process); split evenly across domains"""
+    """windows per step (per process); split evenly across domains [>= 1]"""
     lr: float = 1e-3
-    """peak learning rate (paper: 1e-4 at batch 512)"""
+    """peak learning rate (paper: 1e-4 at batch 512) [> 0]"""
     min_lr: float = 1e-5
-    """cosine decay floor (paper: 1e-6)"""
+    """cosine decay floor (paper: 1e-6) [>= 0]"""
     warmup_steps: int = 500
-    """linear warm-up steps (paper: 4000)"""
+    """linear warm-up steps (paper: 4000) [>= 0]"""
     schedule: str = "cosine"
     """cosine (decay over all steps after warm-up, as the authors) | wsd (warm-up, constant lr, then a decay over the
     last --decay-frac of the steps, from which shorter budgets can branch: see --snapshots and --branch-from)"""
     decay_frac: float = 0.2
-    """wsd: the share of --steps spent decaying lr to --min-lr, as 1 - sqrt(progress) (Hagele et al. 2024)"""
+    """wsd: the share of --steps spent decaying lr to --min-lr, as 1 - sqrt(progress) (Hagele et al. 2024) (0, 1]"""
     weight_decay: float = 0.01
-    """AdamW weight decay on Linear weights (authors)"""
+    """AdamW weight decay on Linear weights (authors) [>= 0]"""
     grad_clip: float = 0.25
-    """gradient-norm clip (authors' max_grad_norm)"""
+    """gradient-norm clip (authors' max_grad_norm); 0 = no clipping [>= 0]"""
     precision: str = "auto"
     """auto | bf16 | fp32; auto = bf16 autocast where the hardware has it, else fp32"""
     holdout_episodes: int = 2
-    """episodes per task held out for the validation loss (0: none)"""
+    """episodes per task held out for the validation loss (0: none) [>= 0]"""
     n_layer: int = 4
-    """transformer blocks (paper: 6)"""
+    """transformer blocks (paper: 6) [>= 1]"""
     n_head: int = 4
-    """attention heads (paper: 12)"""
+    """attention heads (paper: 12) [>= 1]"""
     n_embd: int = 128
-    """embedding width (paper: 768)"""
+    """embedding width (paper: 768) [>= 1]"""
     dropout: float = 0.1
-    """dropout (HF GPT-2 default, as the authors)"""
+    """dropout (HF GPT-2 default, as the authors) [0, 1)"""
     context_len: int = 5
-    """K timesteps per window (authors: 5)"""
+    """K timesteps per window (authors: 5) [>= 1]"""
     act_dim: int = 0
-    """action tokens per step; 0 = the largest action dim of the tasks (4 for Meta-World alone, 6 with DMControl)"""
+    """action tokens per step; 0 = the largest action dim of the tasks (4 for Meta-World alone, 6 with
+    DMControl) [0, 6]"""
     out: str = "runs/pretrain/ckpt.pt"
     """checkpoint path (written atomically)"""
     device: str = "auto"
     """auto (cuda, else mps, else cpu), cpu, cuda or mps"""
     eval_every: int = 1000
-    """report held-out action loss/accuracy per task every N steps"""
+    """report held-out action loss/accuracy per task every N steps [>= 1]"""
     save_every: int = 1000
-    """write the checkpoint every N steps (and at the end)"""
+    """write the checkpoint every N steps (and at the end) [>= 1]"""
     snapshots: str = ""
     """comma-separated steps at which to keep a copy of the checkpoint beside --out (ckpt-step<N>.pt): the points a
     wsd run's decays branch from"""
@@ -114,7 +115,7 @@ class Args:
     overwrite: bool = False
     """replace the run at --out (its checkpoint and metrics.jsonl)"""
     bench: int = 0
-    """time N training steps (after 3 warm-up steps): ms/step, tokens/s, matmul GFLOP per step; writes nothing"""
+    """time N training steps (after 3 warm-up steps): ms/step, tokens/s, matmul GFLOP per step; writes nothing [>= 0]"""
 
 
 GROUPS = {"data": "tasks", "optimization": "steps", "model": "n_layer", "run control": "out"}
@@ -436,17 +437,10 @@ def main(args):
         sys.exit(1)
 
     try:
-        if min(args.steps, args.batch_size, args.eval_every, args.save_every, args.context_len, args.n_layer) < 1:
-            raise ValueError(
-                "--steps, --batch-size, --eval-every, --save-every, --context-len and --n-layer must be at least 1"
-            )
-        if args.lr <= 0 or args.holdout_episodes < 0 or args.n_head < 1 or args.n_embd % args.n_head:
-            raise ValueError(
-                "need --lr > 0, --holdout-episodes >= 0 and --n-head dividing --n-embd "
-                f"({args.n_embd} by {args.n_head})"
-            )
-        if not 0 < args.decay_frac <= 1:
-            raise ValueError(f"--decay-frac {args.decay_frac}: the share of steps spent decaying must be in (0, 1]")
+        if args.n_embd % args.n_head:  # each field's own range is checked by parse_args
+            raise ValueError(f"--n-head {args.n_head} does not divide --n-embd {args.n_embd}")
+        if args.min_lr > args.lr:
+            raise ValueError(f"--min-lr {args.min_lr} > --lr {args.lr}: the schedule would raise lr as it decays")
         snapshots = snapshot_steps(args.snapshots)
         check_output(args.out, "--out", is_dir=False)
         if os.path.exists(args.out) and not (args.resume or args.overwrite or args.bench):
@@ -522,7 +516,8 @@ def main(args):
         loss, accuracy = action_loss(logits, inputs["action_bins"], valid)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        if args.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         optimizer.step()
         return loss, accuracy
 

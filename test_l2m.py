@@ -356,7 +356,7 @@ def test_authors_files_in_the_wrong_layout_or_missing_are_refused(tmp_path, caps
     "argv, message",
     [
         (["--tasks", "hamer"], "unknown task 'hamer'"),
-        (["--tasks", "reach-v3", "--episodes", "0"], "--episodes must be at least 1"),
+        (["--tasks", "reach-v3", "--episodes", "0"], "--episodes 0 is out of range: it must be >= 1"),
         (["--tasks", "cartpole-balance", "--source", "scripted"], "experts only for Meta-World"),
         (["--tasks", "reach-v3", "--noise-levels", "a,b"], "comma-separated numbers"),
         (["--tasks", "reach-v3", "--hold", "sometimes"], "argument --hold: invalid choice: 'sometimes'"),
@@ -1091,6 +1091,14 @@ def test_a_decay_branched_from_a_snapshot_equals_the_run_that_made_it(fake_data,
     assert not (fake_data / "c").exists()
 
 
+def test_grad_clip_zero_means_no_clipping(fake_data):
+    pretrain.main(pretrain_args(fake_data, out=str(fake_data / "a" / "ckpt.pt"), grad_clip=0.0))
+    pretrain.main(pretrain_args(fake_data, out=str(fake_data / "b" / "ckpt.pt"), grad_clip=1e9))  # never binds
+    unclipped = torch.load(fake_data / "a" / "ckpt.pt", weights_only=True)["model"]
+    for k, v in torch.load(fake_data / "b" / "ckpt.pt", weights_only=True)["model"].items():
+        assert torch.equal(v, unclipped[k]), k
+
+
 def test_resume_with_other_settings_says_what_differs(fake_data, capsys):
     pretrain.main(pretrain_args(fake_data))
     argv = [f"--{k.replace('_', '-')}={v}" for k, v in asdict(pretrain_args(fake_data, n_embd=64)).items()]
@@ -1712,30 +1720,46 @@ def test_finetune_bad_input_fails_cleanly(pipeline, tmp_path, argv, message, cap
 @pytest.mark.parametrize(
     "script, argv, message",
     [
-        ("pretrain", ["--steps", "0"], "must be at least 1"),
-        ("pretrain", ["--eval-every", "0"], "must be at least 1"),
-        ("pretrain", ["--n-head", "3"], "--n-head dividing --n-embd (128 by 3)"),
-        ("pretrain", ["--lr", "-1"], "--lr > 0"),
-        ("pretrain", ["--holdout-episodes", "-1"], "--holdout-episodes >= 0"),
+        ("pretrain", ["--steps", "0"], "--steps 0 is out of range: it must be >= 1 (optimizer steps"),
+        ("pretrain", ["--eval-every", "0"], "--eval-every 0 is out of range: it must be >= 1"),
+        ("pretrain", ["--n-head", "3"], "--n-head 3 does not divide --n-embd 128"),
+        ("pretrain", ["--lr", "-1"], "--lr -1.0 is out of range: it must be > 0"),
+        ("pretrain", ["--lr", "nan"], "--lr nan is out of range: it must be > 0"),
+        ("pretrain", ["--lr", "inf"], "--lr inf is out of range: it must be > 0"),
+        ("pretrain", ["--min-lr", "0.1"], "--min-lr 0.1 > --lr 0.001: the schedule would raise lr"),
+        ("pretrain", ["--grad-clip", "-1"], "--grad-clip -1.0 is out of range: it must be >= 0"),
+        ("pretrain", ["--dropout", "1"], "--dropout 1.0 is out of range: it must be in [0, 1)"),
+        ("pretrain", ["--decay-frac", "0"], "--decay-frac 0.0 is out of range: it must be in (0, 1]"),
+        ("pretrain", ["--act-dim", "7"], "--act-dim 7 is out of range: it must be in [0, 6]"),
+        ("pretrain", ["--holdout-episodes", "-1"], "--holdout-episodes -1 is out of range: it must be >= 0"),
+        ("pretrain", ["--snapshots", "10,x"], "--snapshots '10,x': expected comma-separated step numbers"),
         ("pretrain", ["--precision", "fp16"], "argument --precision: invalid choice: 'fp16'"),
         ("pretrain", ["--device", "tpu"], "unknown --device 'tpu'"),
         ("pretrain", ["--out", "TMP/dir/"], "names a directory"),
         ("pretrain", ["--out", "FILE/ckpt.pt"], "cannot write under"),
         ("pretrain", ["--data-dir", "TMP/nowhere"], "python collect.py --tasks"),
         ("pretrain", ["--steps", "many"], "argument --steps: invalid int value: 'many'"),
-        ("finetune", ["--steps-per-task", "0"], "must be at least 1"),
-        ("finetune", ["--rank", "0"], "must be at least 1"),
+        ("finetune", ["--steps-per-task", "0"], "--steps-per-task 0 is out of range: it must be >= 1"),
+        ("finetune", ["--rank", "0"], "--rank 0 is out of range: it must be >= 1"),
+        ("finetune", ["--reg-lambda", "-1"], "--reg-lambda -1.0 is out of range: it must be >= 0"),
+        ("finetune", ["--alpha", "0"], "--alpha 0.0 is out of range: it must be > 0"),
+        ("finetune", ["--pull-coef", "-0.5"], "--pull-coef -0.5 is out of range: it must be >= 0"),
+        ("finetune", ["--replay-share", "1"], "--replay-share 1.0 is out of range: it must be in [0, 1)"),
+        ("finetune", ["--packnet-retrain", "0"], "--packnet-retrain 0.0 is out of range: it must be in (0, 1)"),
+        ("finetune", ["--jobs", "0"], "--jobs 0 is out of range: it must be >= 1"),
+        ("finetune", ["--prompt-top-k", "6", "--prompt-pool-size", "5"], "--prompt-top-k 6 > --prompt-pool-size 5"),
         ("finetune", ["--method", "l2m-oracle", "--pool-size", "5"], "--pool-size 5 < 10 tasks"),
         ("finetune", ["--run-dir", "FILE"], "--run-dir 'FILE' is a file"),
         ("finetune", ["--device", "tpu"], "unknown --device 'tpu'"),
         ("finetune", ["--ckpt", "FILE"], "not a readable checkpoint"),
-        ("evaluate", ["--episodes", "0"], "--episodes must be at least 1"),
+        ("evaluate", ["--episodes", "0"], "--episodes 0 is out of range: it must be >= 1"),
         ("evaluate", ["--ckpt", "TMP/nowhere.pt"], "no checkpoint at"),
         ("evaluate", ["--ckpt", "FILE"], "not a readable checkpoint"),
         ("evaluate", ["--compare", "TMP"], "is TMP a finished finetune.py run?"),
         ("evaluate", ["--compare", "TMP", "--out", "FILE"], "--out 'FILE' is a file"),
         ("evaluate", ["--compare", "TMP/runs/*-s*"], "is TMP/runs/*-s* a finished finetune.py run?"),
-        ("collect", ["--workers", "0"], "--workers must be at least 1"),
+        ("collect", ["--workers", "0"], "--workers 0 is out of range: it must be >= 1"),
+        ("collect", ["--sac-utd", "0"], "--sac-utd 0.0 is out of range: it must be > 0"),
         ("evaluate", ["--ckpt", "BARE"], "not a checkpoint of pretrain.py or finetune.py"),
         ("pretrain", ["--resume", "--out", "BARE"], "not a checkpoint of pretrain.py or finetune.py"),
         ("pretrain", ["--resume", "--out", "FINETUNED"], "is a finetune.py checkpoint; this needs a pretrain.py"),
