@@ -823,18 +823,25 @@ def collect_sac(env, episodes, args, seed, rng, progress):
 PROGRESS = None  # in a worker process: the queue it reports its env steps to (set by start_worker)
 
 
-def start_worker(parent_pid, progress):
-    """Worker initializer: keep the progress queue (a queue reaches a process only when it starts), and end this
-    worker when collect.py's main process is gone, so a `kill -9` of it leaves nothing running."""
-    global PROGRESS
-    PROGRESS = progress
+def watch_parent(parent_pid, on_gone):
+    """Call on_gone() once `parent_pid` is no longer this process's parent (it ended, even by `kill -9` or the
+    machine's out-of-memory killer), checked every second by a daemon thread: a worker or a launched run never
+    outlives the command that started it."""
 
-    def exit_with_parent():
+    def watch():
         while os.getppid() == parent_pid:
             time.sleep(1.0)
-        os._exit(1)
+        on_gone()
 
-    threading.Thread(target=exit_with_parent, daemon=True).start()
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def start_worker(parent_pid, progress):
+    """Worker initializer: keep the progress queue (a queue reaches a process only when it starts), and end this
+    worker when collect.py's main process is gone."""
+    global PROGRESS
+    PROGRESS = progress
+    watch_parent(parent_pid, lambda: os._exit(1))
 
 
 def collect_task(name, source, args):

@@ -36,6 +36,7 @@ from collect import (
     make_env,
     parse_args,
     resolve_tasks,
+    watch_parent,
     write_text,
 )
 from model import PRECISIONS, ActionTokenizer, DecisionTransformer, keep_freed_memory, resolve_device, use_bf16
@@ -143,9 +144,10 @@ def step_envs(specs, actions):
     return [(obs, reward, bool(info.get("success", False))) for obs, reward, _, _, info in steps]
 
 
-def env_worker(conn):
+def env_worker(conn, parent_pid):
     """A process that holds envs for evaluations: runs each (function, args) it receives, answers with the result
-    (or the exception it raised)."""
+    (or the exception it raised); it ends with the process that started it."""
+    watch_parent(parent_pid, lambda: os._exit(1))
     while True:
         function, args = conn.recv()
         try:
@@ -165,7 +167,7 @@ def env_workers(n):
     ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
     while len(_WORKERS) < n:
         here, there = ctx.Pipe()
-        process = ctx.Process(target=env_worker, args=(there,), daemon=True)
+        process = ctx.Process(target=env_worker, args=(there, os.getpid()), daemon=True)
         process.start()
         _WORKERS.append((process, here))
     return [conn for _, conn in _WORKERS[:n]]

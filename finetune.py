@@ -34,6 +34,7 @@ Examples:
 
 import functools
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -43,13 +44,23 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from collect import check_output, fields_from, file_sha256, load_checkpoint, parse_args, resolve_tasks, save_atomic
+from collect import (
+    check_output,
+    fields_from,
+    file_sha256,
+    load_checkpoint,
+    parse_args,
+    resolve_tasks,
+    save_atomic,
+    watch_parent,
+)
 from evaluate import TASK_ID, build_model, env_workers, evaluate_tasks, routing_accuracy, write_sequence_report
 from model import PRECISIONS, action_loss, keep_freed_memory, make_pool, resolve_device, use_bf16
 from pretrain import load_data, matmul_gflop, synchronize
 
 CURVE_EVERY = 50  # training steps averaged into one point of training_curves.png
 LOG_EVERY = 500  # steps between the plain log lines written when stderr is not a terminal
+LAUNCHER_PID = "L2M_LAUNCHER_PID"  # set by --methods/--seeds in each run's environment: the process it ends with
 L2P = {"l2p-pt": "pt", "l2p-pv2": "pv2", "l2p-pret": "pret"}  # method -> where its prompts go
 METHODS = (
     "ft",
@@ -254,11 +265,30 @@ def launch(args):
             runs.append((run_dir, argv))
     print(f"{len(runs)} runs, {min(args.jobs, len(runs))} at a time: " + ", ".join(r for r, _ in runs))
     running, failed = [], []
+
+    def stop(signum, frame):
+        """The launcher owns its runs: stopped (SIGTERM, SIGINT, SIGHUP), it stops them first."""
+        for _, process, _ in running:
+            process.terminate()  # each run writes "stopped" to its log
+        for _, process, _ in running:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        sys.exit(
+            f"finetune.py: stopped by {signal.Signals(signum).name}, and with it {len(running)} runs "
+            f"({', '.join(r for r, _, _ in running) or 'none'}); the same command with --resume continues them"
+        )
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, stop)
+    child_env = {**os.environ, LAUNCHER_PID: str(os.getpid())}  # a kill -9 of the launcher then ends them too
     while runs or running:
         while runs and len(running) < args.jobs:
             run_dir, argv = runs.pop(0)
             log = open(os.path.join(run_dir, "log.txt"), "a")
-            running.append((run_dir, subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT), log))
+            process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=child_env)
+            running.append((run_dir, process, log))
             print(f"started {run_dir}: {' '.join(argv[1:])} > {run_dir}/log.txt")
         time.sleep(1.0)
         for item in [r for r in running if r[1].poll() is not None]:
@@ -479,9 +509,24 @@ def consolidate(model, args, dataset, pools, device, autocast, importance):
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}, importance
 
 
+def stop_run(signum, frame):
+    """SIGTERM (or the launcher gone): end with a line in the log; the checkpoint on disk is the last finished
+    task's (writes are atomic), so --resume continues from there."""
+    sys.exit(f"finetune.py: stopped by {signal.Signals(signum).name}; --resume continues after the last finished task")
+
+
 def main(args):
     if args.methods or args.seeds:
         return launch(args)
+    signal.signal(signal.SIGTERM, stop_run)
+    if LAUNCHER_PID in os.environ:  # started by --methods/--seeds: end with the launcher, even after its kill -9
+        launcher = int(os.environ.pop(LAUNCHER_PID))
+
+        def launcher_gone():
+            print(f"the launcher (pid {launcher}) is gone", flush=True)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        watch_parent(launcher, launcher_gone)
     if args.threads:
         torch.set_num_threads(args.threads)
     env_workers(torch.get_num_threads() - 1)  # the evaluations' env processes, forked before torch computes anything

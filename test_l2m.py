@@ -8,6 +8,7 @@ import json
 import os
 import pickle
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -431,6 +432,19 @@ def parent_of(pid):
         return None
 
 
+def children_of(pid):
+    return [p for p in map(int, filter(str.isdigit, os.listdir("/proc"))) if parent_of(p) == pid]
+
+
+def alive(pid):
+    """Running (not ended, not a zombie) on Linux."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return "\tZ" not in f.read()
+    except FileNotFoundError:
+        return False
+
+
 @pytest.mark.slow
 def test_killing_collect_leaves_no_process_behind(tmp_path):
     proc = subprocess.Popen(
@@ -440,18 +454,10 @@ def test_killing_collect_leaves_no_process_behind(tmp_path):
     deadline, children = time.time() + 60, []
     while len(children) < 3 and time.time() < deadline:  # the resource tracker and two workers
         time.sleep(0.5)
-        children = [pid for pid in map(int, filter(str.isdigit, os.listdir("/proc"))) if parent_of(pid) == proc.pid]
+        children = children_of(proc.pid)
     time.sleep(3.0)  # the workers are collecting
     proc.kill()  # kill -9 of the main process
     proc.wait()
-
-    def alive(pid):
-        try:
-            with open(f"/proc/{pid}/status") as f:
-                return "\tZ" not in f.read()  # a zombie has ended
-        except FileNotFoundError:
-            return False
-
     deadline = time.time() + 15
     while any(alive(pid) for pid in children) and time.time() < deadline:
         time.sleep(0.5)
@@ -1364,6 +1370,47 @@ def pipeline(tmp_path_factory):
         "1",
     )
     return root
+
+
+def test_env_workers_end_with_the_process_that_forked_them():
+    code = "import time, evaluate; evaluate.env_workers(2); print('ready', flush=True); time.sleep(120)"
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=HERE, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    workers = children_of(proc.pid)
+    proc.kill()  # kill -9: no handler of its runs
+    proc.wait()
+    deadline = time.time() + 15
+    while any(map(alive, workers)) and time.time() < deadline:
+        time.sleep(0.2)
+    assert len(workers) >= 2 and not any(map(alive, workers)), workers
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
+def test_the_launcher_takes_its_runs_with_it(pipeline, tmp_path, how):
+    argv = [sys.executable, os.path.join(HERE, "finetune.py"), "--methods", "ft,l2m", "--seeds", "0", "--ckpt",
+            str(pipeline / "pretrain" / "ckpt.pt"), "--tasks", "reach,window-close", "--data-dir",
+            str(pipeline / "data"), "--steps-per-task", "100000", "--runs-root", str(tmp_path)]  # fmt: skip
+    launcher = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline, runs = time.time() + 60, []
+    while len(runs) < 2 and time.time() < deadline:
+        time.sleep(0.5)
+        runs = children_of(launcher.pid)
+    logs = [tmp_path / f"{m}-reach+window-close-s0" / "log.txt" for m in ("ft", "l2m")]
+    while not all(log.exists() and log.stat().st_size for log in logs) and time.time() < deadline + 60:
+        time.sleep(0.5)  # until both runs have started training (and so have set up their stop)
+    launcher.send_signal(getattr(signal, how))
+    _, err = launcher.communicate(timeout=60)
+    deadline = time.time() + 20
+    while any(map(alive, runs)) and time.time() < deadline:
+        time.sleep(0.5)
+    assert len(runs) == 2 and not any(map(alive, runs)), runs
+    logs = [log.read_text() for log in logs]
+    assert all("finetune.py: stopped by SIGTERM" in log for log in logs), logs
+    if how == "SIGKILL":
+        assert all(f"the launcher (pid {launcher.pid}) is gone" in log for log in logs)
+    else:
+        assert "stopped by SIGTERM, and with it 2 runs" in err
 
 
 def finetune_args(root, method, run, **kw):
