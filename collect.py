@@ -32,11 +32,13 @@ os.environ.setdefault("MUJOCO_GL", "disable")  # no display on servers: physics 
 
 import argparse
 import ast
+import atexit
 import codecs
 import concurrent.futures
 import contextlib
 import copy
 import dataclasses
+import fcntl
 import functools
 import glob
 import hashlib
@@ -615,18 +617,24 @@ def parse_args(args_cls, argv=None, description=None, groups=None, choices=None)
     return args_cls(**values)
 
 
+UMASK = os.umask(0o022)  # read once (reading it means setting it), then put back
+os.umask(UMASK)
+
+
 @contextlib.contextmanager
 def atomic_write(path):
     """Yield a temp path to write; it becomes `path` only if the block succeeds, so no half-written file is left.
     The temp file is created exclusively (a planted file or symlink there is never followed); temp files that a
     killed process left beside `path` are removed first."""
     directory, name = os.path.split(path)
-    for stale in glob.glob(glob.escape(path) + ".tmp*"):
+    prefix = f".{name}.l2m-tmp"  # a name no user file is likely to have: only this writer's litter is removed
+    for stale in glob.glob(os.path.join(glob.escape(directory or "."), glob.escape(prefix) + "*")):
         os.remove(stale)
-    fd, tmp = tempfile.mkstemp(dir=directory or ".", prefix=name + ".tmp")
+    fd, tmp = tempfile.mkstemp(dir=directory or ".", prefix=prefix)
     os.close(fd)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp makes 0600; the file gets what open() would have given it
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -682,6 +690,45 @@ def save_atomic(obj, path):
         free_mb = shutil.disk_usage(os.path.dirname(path) or ".").free / 2**20
         first_line = (str(e).strip().splitlines() or [""])[0]
         raise OSError(f"could not write {path} ({first_line}); {free_mb:.0f} MiB free on that disk") from None
+
+
+_LOCKS = {}  # folder -> the open lock file of this process: a lock lasts as long as its file stays open
+
+
+def lock_folder(folder, what):
+    """Make this process the only writer of `folder` until it ends (however it ends: the system drops the lock of
+    a killed process) or locks the folder again: an exclusive lock on <folder>/.lock. Raises ValueError naming the
+    holder (pid and command) if another process has it; a lock file left by a dead process is taken over, with a
+    line saying so. `what` names the folder in messages (e.g. "--run-dir")."""
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.realpath(os.path.join(folder, ".lock"))
+    if path in _LOCKS:  # this process again (its main called twice in one interpreter): hand over to the new call
+        _LOCKS.pop(path).close()
+    handle = open(path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise ValueError(f"{what} {folder} is in use by {holder}: wait for it to end, or use another folder") from None
+    handle.seek(0)
+    previous = handle.read().strip()
+    if previous and not previous.startswith(f"pid {os.getpid()} "):
+        print(f"taking over {path} from {previous}, which is no longer running")
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} ({' '.join(sys.argv)})\n")
+    handle.flush()
+    _LOCKS[path] = handle
+
+
+@atexit.register
+def release_locks():
+    """Empty this process's lock files as it exits normally, so that the next run does not report a takeover."""
+    for handle in _LOCKS.values():
+        handle.truncate(0)
+        handle.close()
 
 
 CHECKPOINT_KEYS = {  # what each script writes, so a file from elsewhere is named as such before it is used

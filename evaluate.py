@@ -33,6 +33,7 @@ from collect import (
     horizon,
     is_metaworld,
     load_checkpoint,
+    lock_folder,
     make_env,
     parse_args,
     resolve_tasks,
@@ -827,6 +828,8 @@ def main(args):
         if oracle_ids and any(n not in oracle_ids for n in names):
             raise ValueError(f"a {ckpt['method']} run needs a task id: evaluate only the tasks of its sequence")
         model = build_model(ckpt, device, base)
+        if not args.bench:
+            lock_folder(out, "--out")  # one evaluation writes a folder at a time
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"evaluate.py: error: {e}")
     timings = []

@@ -49,6 +49,7 @@ from collect import (
     fields_from,
     file_sha256,
     load_checkpoint,
+    lock_folder,
     parse_args,
     resolve_tasks,
     save_atomic,
@@ -534,6 +535,8 @@ def main(args):
     out = os.path.join(run_dir, "ckpt.pt")
     try:
         pretrained, resumed, data = load_inputs(args, run_dir)
+        if not args.bench:
+            lock_folder(run_dir, "--run-dir")  # one writer per run
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"finetune.py: error: {e}")
     device = resolve_device(args.device)

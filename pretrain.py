@@ -31,6 +31,7 @@ from collect import (
     fields_from,
     is_metaworld,
     load_checkpoint,
+    lock_folder,
     parse_args,
     resolve_tasks,
     save_atomic,
@@ -475,6 +476,8 @@ def main(args):
         tasks, dataset, pools, heldout = load_data(
             names, args.data_dir, args.holdout_episodes, args.context_len, act_dim, DTConfig.n_bins, args.seed + rank
         )
+        if is_main and not args.bench:  # one writer per folder: its checkpoint and metrics.jsonl are this run's
+            lock_folder(os.path.dirname(args.out) or ".", "--out's folder")
     except (ValueError, FileNotFoundError) as e:
         fail(e)
 

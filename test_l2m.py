@@ -405,11 +405,13 @@ def test_stop_rule_stands_still_once_solved_and_the_best_rule_is_chosen():
 def test_atomic_write_removes_litter_and_never_follows_a_planted_link(tmp_path):
     target, victim = tmp_path / "ckpt.pt", tmp_path / "victim"
     victim.write_text("keep")
-    (tmp_path / "ckpt.pt.tmp123").write_text("left by a killed process")
-    (tmp_path / "ckpt.pt.tmp999").symlink_to(victim)
+    (tmp_path / ".ckpt.pt.l2m-tmp123").write_text("left by a killed process")
+    (tmp_path / ".ckpt.pt.l2m-tmp999").symlink_to(victim)
+    (tmp_path / "ckpt.pt.tmp-notes").write_text("a user's file")
     collect.write_text(str(target), "new")
     assert target.read_text() == "new" and victim.read_text() == "keep"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "victim"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "ckpt.pt.tmp-notes", "victim"]
+    assert target.stat().st_mode & 0o777 == 0o666 & ~collect.UMASK  # as open() would create it, not mkstemp's 0600
 
 
 def test_a_full_disk_is_named_as_such_and_leaves_no_file(tmp_path, monkeypatch):
@@ -1103,6 +1105,26 @@ def test_grad_clip_zero_means_no_clipping(fake_data):
     unclipped = torch.load(fake_data / "a" / "ckpt.pt", weights_only=True)["model"]
     for k, v in torch.load(fake_data / "b" / "ckpt.pt", weights_only=True)["model"].items():
         assert torch.equal(v, unclipped[k]), k
+
+
+def test_one_writer_per_folder_and_a_dead_holder_is_taken_over(fake_data, capsys):
+    argv = [f"--{k.replace('_', '-')}={v}" for k, v in asdict(pretrain_args(fake_data)).items() if v is not False]
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"import collect; collect.lock_folder({str(fake_data / 'run')!r}, 'x'); input()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=HERE,
+    )  # fmt: skip
+    deadline = time.time() + 30
+    while not (fake_data / "run" / ".lock").exists() or not (fake_data / "run" / ".lock").read_text():
+        assert time.time() < deadline
+        time.sleep(0.1)
+    line = refuses(pretrain, argv, capsys)
+    assert f"--out's folder {fake_data / 'run'} is in use by pid {holder.pid} (-c)" in line
+    assert not (fake_data / "run" / "ckpt.pt").exists() and not (fake_data / "run" / "metrics.jsonl").exists()
+    holder.kill()  # kill -9: its lock file stays behind, its lock does not
+    holder.wait()
+    pretrain.cli(argv)
+    assert f"from pid {holder.pid} (-c), which is no longer running" in capsys.readouterr().out
+    assert (fake_data / "run" / "ckpt.pt").exists()
 
 
 def test_resume_with_other_settings_says_what_differs(fake_data, capsys):
