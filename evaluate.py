@@ -72,6 +72,9 @@ class Args:
     reference: str = ""
     """with --compare: a run of the same sequence (e.g. l2m-oracle) whose end-of-task successes each run's are
     compared to (the 'gap to' column)"""
+    allow_mixed: bool = False
+    """with --compare: put runs of different task sequences or backbones in one table (each row then names its
+    own); without it they are refused"""
 
 
 GROUPS = {"evaluate a checkpoint": "ckpt", "compare fine-tuning runs": "compare"}
@@ -533,7 +536,8 @@ def retention(directory, subset="retain10"):
 
 
 def load_run(run_dir):
-    """The results.json of a finished fine-tuning run."""
+    """The results.json of a finished fine-tuning run, checked against the checkpoint beside it (if any): results
+    of an earlier run that a newer one in the same folder has not yet replaced are refused."""
     path = os.path.join(run_dir, "results.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"no {path}: is {run_dir} a finished finetune.py run?")
@@ -543,7 +547,18 @@ def load_run(run_dir):
         raise ValueError(
             f"{path} lacks {', '.join(sorted(missing))}: not a results.json of this version of finetune.py"
         )
+    beside = os.path.join(run_dir, "ckpt.pt")
+    if run.get("ckpt_sha256") and os.path.exists(beside) and file_sha256(beside) != run["ckpt_sha256"]:
+        raise ValueError(
+            f"{path} belongs to an earlier checkpoint than {beside} (a newer run there has not finished): "
+            "finish it with finetune.py --resume, or compare other runs"
+        )
     return run
+
+
+def backbone_of(run):
+    """What a run modulated: its backbone's content hash (older results.json: the path it was loaded from)."""
+    return run.get("backbone_sha256") or "path " + os.path.normpath(run["setting"]["ckpt"])
 
 
 # The paper's CW10 average success at the last step (40M model, 100k steps per task): Schmied et al. 2023, as
@@ -561,27 +576,44 @@ PAPER_CW10_SUCCESS = {
 }
 
 
-def compare_runs(run_dirs, reference_dir=""):
+def compare_runs(run_dirs, reference_dir="", allow_mixed=False):
     """The results table across fine-tuning runs: one row per method and setting, mean ± std over its runs (seeds).
-    Runs of one method whose settings differ get a row each, labelled with the settings that differ."""
-    runs = [(run_dir, load_run(run_dir)) for run_dir in run_dirs]
-    reference = None
-    if reference_dir:
-        ref_run = load_run(reference_dir)
-        for run_dir, run in runs:
-            if run["tasks"] != ref_run["tasks"]:
-                raise ValueError(
-                    f"--reference {reference_dir} learned {','.join(ref_run['tasks'])} but {run_dir} "
-                    f"learned {','.join(run['tasks'])}: compare runs of one sequence"
-                )
-        reference = np.diag(ref_run["success"])
+    Runs of one method whose settings differ get a row each, labelled with the settings that differ. Every run
+    (and the reference) must have learned the same sequence from the same backbone (by content), unless
+    allow_mixed: then runs of different sequences or backbones are never averaged together, and each row says its
+    own. A run named twice counts once."""
+    runs = [(run_dir, load_run(run_dir)) for run_dir in {os.path.realpath(d): d for d in run_dirs}.values()]
+    ref_run = load_run(reference_dir) if reference_dir else None
+    everything = runs + ([(f"--reference {reference_dir}", ref_run)] if ref_run else [])
+    sequences = {tuple(r["tasks"]) for _, r in everything}
+    backbones = {backbone_of(r) for _, r in everything}
+    if not allow_mixed and (len(sequences) > 1 or len(backbones) > 1):
+        first_dir, first = everything[0]
+        odd_dir, odd = next(
+            (d, r)
+            for d, r in everything
+            if (tuple(r["tasks"]), backbone_of(r)) != (tuple(first["tasks"]), backbone_of(first))
+        )
+        what = "task sequence" if odd["tasks"] != first["tasks"] else "backbone"
+        raise ValueError(
+            f"{odd_dir} and {first_dir} differ in their {what} (put side by side only with --allow-mixed, which "
+            "labels each row with its own)"
+        )
+    reference = np.diag(ref_run["success"]) if ref_run else None
 
     def label(run):
         same_method = [r["setting"] for _, r in runs if r["method"] == run["method"]]
         shared = set.intersection(*(set(s) for s in same_method))  # a flag newer than a run: it ran at its default
         varying = sorted(k for k in shared if len({repr(s[k]) for s in same_method}) > 1)
-        return run["method"] + (
-            " (" + ", ".join(f"{k}={run['setting'].get(k)}" for k in varying) + ")" if varying else ""
+        mixed = []
+        if len(sequences) > 1:
+            mixed.append("tasks " + run["setting"].get("tasks", ",".join(run["tasks"])))
+        if len(backbones) > 1:
+            mixed.append("backbone " + backbone_of(run).removeprefix("path ")[:12])
+        return (
+            run["method"]
+            + (" (" + ", ".join(f"{k}={run['setting'].get(k)}" for k in varying) + ")" if varying else "")
+            + (" [" + "; ".join(mixed) + "]" if mixed else "")
         )
 
     by_method, pretrained, commands = {}, set(), []
@@ -722,6 +754,8 @@ def write_sequence_report(run_dir, ckpt):
                 command=ckpt.get("command"),
                 trainable_params=ckpt["trainable_params"],
                 stages=ckpt["stages"],
+                backbone_sha256=ckpt["pretrained"]["sha256"],  # --compare puts only runs of one backbone together
+                ckpt_sha256=file_sha256(os.path.join(run_dir, "ckpt.pt")),  # these results belong to that file
             ),
             indent=1,
         ),
@@ -803,7 +837,7 @@ def main(args):
             check_output(args.out or "runs", "--out", is_dir=True)
             patterns = [p for p in args.compare.split(",") if p]  # a quoted 'runs/*-cw10-s*' expands here
             run_dirs = [d for p in patterns for d in sorted(glob.glob(p)) or [p]]  # no match: named in the error
-            table = compare_runs(run_dirs, args.reference)
+            table = compare_runs(run_dirs, args.reference, args.allow_mixed)
         except (ValueError, FileNotFoundError) as e:
             sys.exit(f"evaluate.py: error: {e}")
         out = args.out or "runs"

@@ -55,7 +55,15 @@ from collect import (
     save_atomic,
     watch_parent,
 )
-from evaluate import TASK_ID, build_model, env_workers, evaluate_tasks, routing_accuracy, write_sequence_report
+from evaluate import (
+    RETENTION_SUBSETS,
+    TASK_ID,
+    build_model,
+    env_workers,
+    evaluate_tasks,
+    routing_accuracy,
+    write_sequence_report,
+)
 from model import PRECISIONS, action_loss, keep_freed_memory, make_pool, resolve_device, use_bf16
 from pretrain import load_data, matmul_gflop, synchronize
 
@@ -510,6 +518,24 @@ def consolidate(model, args, dataset, pools, device, autocast, importance):
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}, importance
 
 
+RUN_OUTPUTS = ("ckpt.pt", "results.json", "results.md", "success_matrix.png", "success_curves.png",
+               "training_curves.png", "routing.png")  # fmt: skip
+
+
+def remove_outputs(run_dir):
+    """--overwrite: the old run's files go before the new run writes anything, so that none of them (its results,
+    its retention evaluations) can be read as the new run's if this one stops early."""
+    paths = [os.path.join(run_dir, name) for name in RUN_OUTPUTS]
+    paths += [
+        os.path.join(run_dir, subset, name) for subset in RETENTION_SUBSETS for name in ("results.json", "results.md")
+    ]
+    removed = [path for path in paths if os.path.exists(path)]
+    for path in removed:
+        os.remove(path)
+    if removed:
+        print(f"--overwrite: removed the old run's {', '.join(os.path.relpath(p, run_dir) for p in removed)}")
+
+
 def stop_run(signum, frame):
     """SIGTERM (or the launcher gone): end with a line in the log; the checkpoint on disk is the last finished
     task's (writes are atomic), so --resume continues from there."""
@@ -539,6 +565,8 @@ def main(args):
             lock_folder(run_dir, "--run-dir")  # one writer per run
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"finetune.py: error: {e}")
+    if args.overwrite and not args.bench:
+        remove_outputs(run_dir)
     device = resolve_device(args.device)
     keep_freed_memory()
     sequence = [task for task, _, _ in data]

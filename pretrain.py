@@ -11,6 +11,7 @@ Examples:
   torchrun --nproc_per_node 2 pretrain.py ...         # data-parallel (NCCL on GPUs, gloo on CPU)
 """
 
+import glob
 import json
 import math
 import os
@@ -32,6 +33,7 @@ from collect import (
     is_metaworld,
     load_checkpoint,
     lock_folder,
+    make_env,
     parse_args,
     resolve_tasks,
     save_atomic,
@@ -263,6 +265,15 @@ def load_data(names, data_dir, holdout_episodes, K, act_dim, n_bins, seed):
                 f"`python collect.py --tasks {name} --data-dir {data_dir} --overwrite`"
             )
         domain = "metaworld" if is_metaworld(name) else "dmcontrol"
+        if domain == "dmcontrol":  # the 204-column layout: a task's values only in its own keys' columns
+            outside = np.setdiff1d(np.arange(found[0]), make_env(name).columns)
+            filled = outside[np.abs(data["observations"][:, outside]).max(axis=0) > 0]
+            if len(filled):
+                raise ValueError(
+                    f"{path} has values in observation columns {filled[:5].tolist()}{'...' if len(filled) > 5 else ''}"
+                    f", which {name} leaves 0 in the authors' 204-column layout (DMC_SLOTS in collect.py): its "
+                    "columns are in the wrong slots; convert the authors' files with `collect.py --source authors`"
+                )
         ends = np.flatnonzero(data["dones"]) + 1
         starts = np.r_[0, ends[:-1]]
         returns = np.add.reduceat(data["rewards"], starts)
@@ -546,8 +557,14 @@ def main(args):
         return
     if is_main:
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        if origin != "resuming" and os.path.exists(metrics_path):  # a new run (or branch) starts a new log
-            os.remove(metrics_path)
+        if origin != "resuming":  # a new run (or branch) starts a new log; --overwrite: nothing of the old run stays
+            folder = os.path.dirname(args.out) or "."
+            earlier = [metrics_path]
+            if args.overwrite:
+                earlier += [args.out, os.path.join(folder, "curves.png")]
+                earlier += glob.glob(os.path.join(glob.escape(folder), "ckpt-step*.pt"))  # its --snapshots
+            for path in filter(os.path.exists, earlier):
+                os.remove(path)
         elif os.path.exists(metrics_path):  # a resumed run drops what it logged after its last save (it redoes it)
             with open(metrics_path) as f:
                 kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]

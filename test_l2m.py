@@ -956,6 +956,8 @@ def write_fake_task(data_dir, name, episodes=4, length=20, obs_dim=39, act_dim=4
     )
     if not collect.is_metaworld(name):
         arrays["random_return"] = np.float32(1.0)
+        unused = np.setdiff1d(np.arange(obs_dim), collect.make_env(name).columns)  # 0 in the 204-column layout
+        arrays["observations"][:, unused] = 0
     collect.save_npz(str(data_dir / f"{name}.npz"), arrays)
     return arrays
 
@@ -1229,6 +1231,7 @@ def test_compare_runs_averages_seeds_per_method(tmp_path):
         frozen_dropout=False,
         command=None,
         tasks=("hammer-v3", "push-wall-v3"),
+        **extra,
     ):
         run = tmp_path / name
         run.mkdir()
@@ -1248,6 +1251,7 @@ def test_compare_runs_averages_seeds_per_method(tmp_path):
                     setting=dict(
                         ckpt=str(tmp_path / "pretrain" / "ckpt.pt"), frozen_dropout=frozen_dropout, tasks="cw10"
                     ),
+                    **extra,
                 )
             )
         )
@@ -1298,8 +1302,40 @@ def test_compare_runs_averages_seeds_per_method(tmp_path):
     with pytest.raises(FileNotFoundError, match="finished finetune.py run"):
         evaluate.compare_runs([str(tmp_path / "nowhere")])
     other = fake_run("one-task", "l2m-oracle", [[1.0]], [[1.0]], tasks=("hammer-v3",))
-    with pytest.raises(ValueError, match="compare runs of one sequence"):
+    with pytest.raises(ValueError, match="differ in their task sequence"):
         evaluate.compare_runs(runs[:1], reference_dir=other)
+    with pytest.raises(ValueError, match="differ in their task sequence"):
+        evaluate.compare_runs(runs[:1] + [other])
+    assert "| ft | 2 |" in evaluate.compare_runs(runs[:2] + [runs[0], runs[1] + "/"])  # named twice: counted once
+
+
+def test_compare_refuses_mixed_backbones_and_stale_results_unless_told(tmp_path):
+    def fake_run(name, seed, backbone, ckpt_sha256=None):
+        run = tmp_path / name
+        run.mkdir()
+        (run / "results.json").write_text(json.dumps(dict(
+            method="ft", tasks=["hammer-v3"], success=[[seed / 2]], success_any=[[seed / 2]], metrics={},
+            trainable_params=1, command=None, stages=[dict(train_seconds=60.0, eval_seconds=0.0)],
+            args=dict(seed=seed), setting=dict(ckpt="runs/pretrain/ckpt.pt", tasks="hammer"),
+            backbone_sha256=backbone, ckpt_sha256=ckpt_sha256,
+        )))  # fmt: skip
+        return str(run)
+
+    runs = [fake_run("ft-s0", 0, "a" * 64), fake_run("ft-s1", 1, "b" * 64)]  # the backbone re-trained in between
+    with pytest.raises(ValueError, match="ft-s1 and .*ft-s0 differ in their backbone"):
+        evaluate.compare_runs(runs)
+    table = evaluate.compare_runs(runs, allow_mixed=True)
+    assert "| ft [backbone aaaaaaaaaaaa] | 1 | 0.00 |" in table and "| ft [backbone bbbbbbbbbbbb] | 1 | 0.50 |" in table
+    with pytest.raises(ValueError, match="differ in their backbone"):
+        evaluate.compare_runs(runs[:1], reference_dir=runs[1])
+    (tmp_path / "ft-s0" / "ckpt.pt").write_bytes(b"a newer run's first checkpoint")
+    (tmp_path / "ft-s0" / "results.json").write_text(
+        (tmp_path / "ft-s0" / "results.json")
+        .read_text()
+        .replace('"ckpt_sha256": null', '"ckpt_sha256": "' + "c" * 64 + '"')
+    )
+    with pytest.raises(ValueError, match="belongs to an earlier checkpoint than"):
+        evaluate.compare_runs(runs[:1])
 
 
 def test_l2_and_ewc_penalties_are_zero_at_the_anchor_and_positive_away():
@@ -1474,6 +1510,24 @@ def test_l2m_freezes_the_backbone_and_routes_each_task_to_its_own_entry(pipeline
     )
     results = json.loads((pipeline / "l2m" / "results.json").read_text())
     assert np.asarray(results["success"]).shape == (2, 2) and "forgetting" in results["metrics"]
+
+
+@pytest.mark.slow
+def test_overwrite_removes_the_old_results_before_the_new_run_writes(pipeline, monkeypatch):
+    finetune.main(finetune_args(pipeline, "ft", "stale", steps_per_task=5))
+    (pipeline / "stale" / "retain10").mkdir()
+    (pipeline / "stale" / "retain10" / "results.json").write_text("{}")
+
+    def killed(obj, path):
+        raise KeyboardInterrupt  # the new run dies before its first save
+
+    monkeypatch.setattr(finetune, "save_atomic", killed)
+    with pytest.raises(KeyboardInterrupt):
+        finetune.main(finetune_args(pipeline, "ft", "stale", steps_per_task=5, overwrite=True))
+    left = sorted(p.name for p in (pipeline / "stale").rglob("*") if p.is_file())
+    assert left == [".lock"], left
+    with pytest.raises(FileNotFoundError, match="finished finetune.py run"):
+        evaluate.compare_runs([str(pipeline / "stale")])
 
 
 @pytest.mark.slow
@@ -1837,6 +1891,7 @@ def test_finetune_bad_input_fails_cleanly(pipeline, tmp_path, argv, message, cap
         ("pretrain", ["--tasks", "reach", "--data-dir", "TMP/strings"], "rewards has dtype <U"),
         ("pretrain", ["--tasks", "reach", "--data-dir", "TMP/wide"], "the data contract keeps them in [-1, 1]"),
         ("pretrain", ["--tasks", "reach", "--data-dir", "TMP/narrow"], "20 observation columns"),
+        ("pretrain", ["--tasks", "cartpole-balance", "--data-dir", "TMP/misplaced"], "columns are in the wrong slots"),
         ("collect", ["--tasks", "reach", "--source", "magic"], "argument --source: invalid choice: 'magic'"),
     ],
 )
@@ -1856,6 +1911,12 @@ def test_bad_flags_and_files_fail_with_one_line_before_any_work(tmp_path, monkey
         for key, how in change.items():
             arrays[key] = arrays[key].astype(str) if how is str else how(arrays[key])
         np.savez(tmp_path / folder / "reach-v3.npz", **arrays)
+    (tmp_path / "misplaced").mkdir()  # DMControl columns shifted out of their slots of the 204-column layout
+    arrays = write_fake_task(tmp_path / "misplaced", "cartpole-balance", obs_dim=204, act_dim=1)
+    np.savez(
+        tmp_path / "misplaced" / "cartpole-balance.npz",
+        **{**arrays, "observations": np.roll(arrays["observations"], 7, axis=1)},
+    )
     before = listing(tmp_path)
     module = {"collect": collect, "pretrain": pretrain, "finetune": finetune, "evaluate": evaluate}[script]
     line = refuses(module, [a.replace("TMP", str(tmp_path)) for a in argv], capsys)
