@@ -636,6 +636,8 @@ def atomic_write(path):
         yield tmp
         os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp makes 0600; the file gets what open() would have given it
         os.replace(tmp, path)
+    except OSError as e:  # a full disk, a quota, a folder gone read-only
+        raise WriteError(path, e) from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -680,16 +682,32 @@ def save_npz(path, arrays):
                 np.lib.format.write_array(f, np.asarray(value, order="C"), allow_pickle=False)
 
 
+class WriteError(OSError):
+    """A file that could not be written (the earlier version, if any, is untouched): the stages end on it with
+    this one line instead of a traceback."""
+
+    def __init__(self, path, error):
+        free_mb = shutil.disk_usage(os.path.dirname(path) or ".").free / 2**20
+        first_line = (str(error).strip().splitlines() or [""])[0]
+        super().__init__(f"could not write {path} ({first_line}); {free_mb:.0f} MiB free on that disk")
+
+
 def save_atomic(obj, path):
     """torch.save, atomic: a crash never leaves a half-written checkpoint."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    try:
-        with atomic_write(path) as tmp:
+    with atomic_write(path) as tmp:
+        try:
             torch.save(obj, tmp)
-    except (OSError, RuntimeError) as e:  # a full disk reads as torch's "unexpected pos ..." otherwise
-        free_mb = shutil.disk_usage(os.path.dirname(path) or ".").free / 2**20
-        first_line = (str(e).strip().splitlines() or [""])[0]
-        raise OSError(f"could not write {path} ({first_line}); {free_mb:.0f} MiB free on that disk") from None
+        except RuntimeError as e:  # a full disk reads as torch's "unexpected pos ..."
+            raise OSError(str(e)) from None
+
+
+def run_stage(main, args, script):
+    """A stage's command line: main(args), ending with one line if a write fails (full disk, quota, rights)."""
+    try:
+        main(args)
+    except WriteError as e:
+        sys.exit(f"{script}: error: {e}")
 
 
 _LOCKS = {}  # folder -> the open lock file of this process: a lock lasts as long as its file stays open
@@ -1072,7 +1090,7 @@ def main(args):
 
 def cli(argv=None):
     """The command line: `python collect.py [flags]` (argv None = sys.argv)."""
-    main(parse_args(Args, argv, description=__doc__, groups=GROUPS, choices=CHOICES))
+    run_stage(main, parse_args(Args, argv, description=__doc__, groups=GROUPS, choices=CHOICES), "collect.py")
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ from collect import (
     make_env,
     parse_args,
     resolve_tasks,
+    run_stage,
     watch_parent,
     write_text,
 )
@@ -910,7 +911,8 @@ def main(args):
 
 def cli(argv=None):
     """The command line: `python evaluate.py [flags]` (argv None = sys.argv)."""
-    main(parse_args(Args, argv, description=__doc__, groups=GROUPS, choices={"precision": PRECISIONS}))
+    args = parse_args(Args, argv, description=__doc__, groups=GROUPS, choices={"precision": PRECISIONS})
+    run_stage(main, args, "evaluate.py")
 
 
 if __name__ == "__main__":

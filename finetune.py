@@ -52,6 +52,7 @@ from collect import (
     lock_folder,
     parse_args,
     resolve_tasks,
+    run_stage,
     save_atomic,
     watch_parent,
 )
@@ -720,7 +721,7 @@ def bench(model, sequence, step_fn, args, device, task_id_eval, bf16):
 
 def cli(argv=None):
     """The command line: `python finetune.py [flags]` (argv None = sys.argv)."""
-    main(parse_args(Args, argv, description=__doc__, groups=GROUPS, choices=CHOICES))
+    run_stage(main, parse_args(Args, argv, description=__doc__, groups=GROUPS, choices=CHOICES), "finetune.py")
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ from collect import (
     make_env,
     parse_args,
     resolve_tasks,
+    run_stage,
     save_atomic,
     write_text,
 )
@@ -665,7 +666,7 @@ def main(args):
 
 def cli(argv=None):
     """The command line: `python pretrain.py [flags]` (argv None = sys.argv)."""
-    main(parse_args(Args, argv, description=__doc__, groups=GROUPS, choices=CHOICES))
+    run_stage(main, parse_args(Args, argv, description=__doc__, groups=GROUPS, choices=CHOICES), "pretrain.py")
 
 
 if __name__ == "__main__":

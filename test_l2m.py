@@ -1129,6 +1129,17 @@ def test_one_writer_per_folder_and_a_dead_holder_is_taken_over(fake_data, capsys
     assert (fake_data / "run" / "ckpt.pt").exists()
 
 
+def test_a_full_disk_ends_a_stage_with_one_line(fake_data, monkeypatch, capsys):
+    def disk_full(obj, path):
+        raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 324416 vs 324308")
+
+    monkeypatch.setattr(collect.torch, "save", disk_full)
+    argv = [f"--{k.replace('_', '-')}={v}" for k, v in asdict(pretrain_args(fake_data)).items() if v is not False]
+    line = refuses(pretrain, argv, capsys)
+    assert line.startswith(f"pretrain.py: error: could not write {fake_data / 'run' / 'ckpt.pt'} (")
+    assert "MiB free on that disk" in line and not (fake_data / "run" / "ckpt.pt").exists()
+
+
 def test_resume_with_other_settings_says_what_differs(fake_data, capsys):
     pretrain.main(pretrain_args(fake_data))
     argv = [f"--{k.replace('_', '-')}={v}" for k, v in asdict(pretrain_args(fake_data, n_embd=64)).items()]
