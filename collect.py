@@ -637,7 +637,7 @@ def atomic_write(path):
         os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp makes 0600; the file gets what open() would have given it
         os.replace(tmp, path)
     except OSError as e:  # a full disk, a quota, a folder gone read-only
-        raise WriteError(path, e) from None
+        raise WriteError.of(path, e) from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -686,10 +686,11 @@ class WriteError(OSError):
     """A file that could not be written (the earlier version, if any, is untouched): the stages end on it with
     this one line instead of a traceback."""
 
-    def __init__(self, path, error):
+    @classmethod
+    def of(cls, path, error):
         free_mb = shutil.disk_usage(os.path.dirname(path) or ".").free / 2**20
         first_line = (str(error).strip().splitlines() or [""])[0]
-        super().__init__(f"could not write {path} ({first_line}); {free_mb:.0f} MiB free on that disk")
+        return cls(f"could not write {path} ({first_line}); {free_mb:.0f} MiB free on that disk")
 
 
 def save_atomic(obj, path):
