@@ -587,11 +587,12 @@ def fields_from(args_cls, first):
     return set(names[names.index(first) :])
 
 
-def parse_args(args_cls, argv=None, description=None, groups=None, choices=None):
+def parse_args(args_cls, argv=None, description=None, groups=None, choices=None, presets=None):
     """A stdlib argparse built from a dataclass: one flag per field (--snake-case) with its default and help.
     `groups` {heading: first field}: --help lists the flags under headings, each from its first field on;
     `choices` {field: allowed values}: anything else is rejected with one line, as is a number outside the range
-    that the end of its field's help declares ([>= 1], [> 0], [0, 1), ...)."""
+    that the end of its field's help declares ([>= 1], [> 0], [0, 1), ...);
+    `presets` {name: {field: value}}: `--preset name` makes those values the defaults (flags given still win)."""
     parser = ArgumentParser(description=description, formatter_class=HelpFormatter)
     helps, section = field_help(args_cls), parser
     starts = {first: heading for heading, first in (groups or {}).items()}
@@ -605,6 +606,9 @@ def parse_args(args_cls, argv=None, description=None, groups=None, choices=None)
             section.add_argument(
                 flag, type=kind, default=f.default, help=helps[f.name], choices=(choices or {}).get(f.name)
             )
+    if presets:
+        preset = parser.parse_known_args(argv)[0].preset
+        parser.set_defaults(**presets.get(preset, {}))
     values = vars(parser.parse_args(argv))
     for name, value in values.items():  # every number against the range its help declares, before any work
         allowed = allowed_range(helps[name])

@@ -96,6 +96,9 @@ STATS_WINDOWS = 4096  # l2m-stats: training windows whose queries fit a task's s
 
 @dataclass
 class Args:
+    preset: str = "cpu"
+    """cpu (the defaults shown here) | paper: the paper's steps per task, batch, lr and evaluation episodes (PRESETS
+    below); flags given on the command line still win"""
     ckpt: str = "runs/pretrain/ckpt.pt"
     """pre-trained checkpoint (pretrain.py)"""
     method: str = "l2m"
@@ -176,12 +179,15 @@ class Args:
 
 
 GROUPS = {
-    "what to run": "ckpt",
+    "what to run": "preset",
     "optimization": "steps_per_task",
     "method settings": "pool_size",
     "run control": "run_dir",
 }
-CHOICES = {"method": METHODS, "precision": PRECISIONS}
+CHOICES = {"method": METHODS, "precision": PRECISIONS, "preset": ("cpu", "paper")}
+PRESETS = {  # the authors' fine-tuning (cdt_mpdt_disc.yaml, run_params/finetune_coff.yaml; eval: 5 episodes per task)
+    "paper": dict(steps_per_task=100_000, batch_size=256, lr=1e-4, eval_episodes=5),
+}
 # how a run is placed, continued, timed or launched, not what it computes (its --help group)
 RUN_CONTROL = fields_from(Args, GROUPS["run control"])
 
@@ -721,7 +727,7 @@ def bench(model, sequence, step_fn, args, device, task_id_eval, bf16):
 
 def cli(argv=None):
     """The command line: `python finetune.py [flags]` (argv None = sys.argv)."""
-    run_stage(main, parse_args(Args, argv, description=__doc__, groups=GROUPS, choices=CHOICES), "finetune.py")
+    run_stage(main, parse_args(Args, argv, __doc__, GROUPS, CHOICES, PRESETS), "finetune.py")
 
 
 if __name__ == "__main__":

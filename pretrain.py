@@ -58,6 +58,9 @@ MAX_STATE_DIM = DTConfig.state_dim  # the authors' unified state space
 
 @dataclass
 class Args:
+    preset: str = "cpu"
+    """cpu (the defaults shown here) | paper: the paper's model, batch and schedule (PRESETS below); flags given
+    on the command line still win"""
     tasks: str = "mt40"
     """tasks to pre-train on: task names and/or list names (mt40, dmc10, ...)"""
     data_dir: str = "data"
@@ -122,8 +125,12 @@ class Args:
     """time N training steps (after 3 warm-up steps): ms/step, tokens/s, matmul GFLOP per step; writes nothing [>= 0]"""
 
 
-GROUPS = {"data": "tasks", "optimization": "steps", "model": "n_layer", "run control": "out"}
-CHOICES = {"precision": PRECISIONS, "schedule": ("cosine", "wsd")}
+GROUPS = {"data": "preset", "optimization": "steps", "model": "n_layer", "run control": "out"}
+CHOICES = {"precision": PRECISIONS, "schedule": ("cosine", "wsd"), "preset": ("cpu", "paper")}
+PRESETS = {  # the authors' pre-training (cdt_pretrain_disc.yaml, lr_sched_kwargs/cosine.yaml, mdmpdt_mtdmc.yaml)
+    "paper": dict(tasks="mt40,dmc10", n_layer=6, n_head=12, n_embd=768, batch_size=512, lr=1e-4, min_lr=1e-6,
+                  warmup_steps=4000, steps=500_000, act_dim=6, eval_every=10_000, save_every=5_000),
+}  # fmt: skip
 # how a run executes and where it lives, not what it computes: these may differ between a run and its resumption
 RUN_CONTROL = fields_from(Args, GROUPS["run control"])
 
@@ -666,7 +673,7 @@ def main(args):
 
 def cli(argv=None):
     """The command line: `python pretrain.py [flags]` (argv None = sys.argv)."""
-    run_stage(main, parse_args(Args, argv, description=__doc__, groups=GROUPS, choices=CHOICES), "pretrain.py")
+    run_stage(main, parse_args(Args, argv, __doc__, GROUPS, CHOICES, PRESETS), "pretrain.py")
 
 
 if __name__ == "__main__":

@@ -1138,6 +1138,16 @@ def test_a_full_disk_ends_a_stage_with_one_line(fake_data, monkeypatch, capsys):
     assert "MiB free on that disk" in line and not (fake_data / "run" / "ckpt.pt").exists()
 
 
+def test_the_paper_preset_sets_the_papers_scale_and_flags_given_still_win():
+    paper = collect.parse_args(pretrain.Args, ["--preset", "paper", "--steps", "10"], presets=pretrain.PRESETS)
+    assert (paper.n_layer, paper.n_head, paper.n_embd, paper.batch_size, paper.lr) == (6, 12, 768, 512, 1e-4)
+    assert paper.tasks == "mt40,dmc10" and paper.steps == 10  # given on the command line
+    assert collect.parse_args(pretrain.Args, [], presets=pretrain.PRESETS) == pretrain.Args()
+    tuned = collect.parse_args(finetune.Args, ["--preset", "paper"], presets=finetune.PRESETS)
+    assert (tuned.steps_per_task, tuned.batch_size, tuned.lr, tuned.eval_episodes) == (100_000, 256, 1e-4, 5)
+    assert finetune.command_line(tuned).startswith("python finetune.py --preset paper --steps-per-task 100000")
+
+
 def test_resume_with_other_settings_says_what_differs(fake_data, capsys):
     pretrain.main(pretrain_args(fake_data))
     argv = [f"--{k.replace('_', '-')}={v}" for k, v in asdict(pretrain_args(fake_data, n_embd=64)).items()]
