@@ -38,9 +38,6 @@ class DTConfig:
         return self.act_dim + 3
 
 
-# ---------------------------------------------------------------------------------------------------------
-
-
 class ActionTokenizer:
     """Continuous actions in [-1, 1] <-> one of n_bins uniform bins per dimension (the authors' MinMaxTokenizer)."""
 
@@ -57,275 +54,8 @@ class ActionTokenizer:
         return (bins.float() + 0.5) * (2.0 / self.n_bins) - 1.0
 
 
-POOL_KINDS = ("lora", "ia3")  # what a modulation entry holds: low-rank residuals (L2M) or scaling vectors (L2M-(IA)3)
-PROMPT_KINDS = ("pt", "pv2", "pret")  # L2P's prompts: at the input, at every layer's input, as attention prefixes
-
-
-class TaskStatistics(nn.Module):
-    """Task inference without a task id (l2m-stats, beyond the paper): each task's query distribution, a Gaussian
-    with its own mean and covariance fitted to the queries of its training windows at the end of the task; a query
-    goes to the task under which it is most likely (quadratic discriminant analysis). The queries come from frozen
-    weights only, so a task's statistics never go stale. Why not keys: L2M's keys are pulled toward the queries by
-    the loss, and on CW10 later tasks' keys took over earlier tasks' windows (push vs push-wall)."""
-
-    def __init__(self, n_tasks, n_embd):
-        super().__init__()
-        T, C = n_tasks, n_embd
-        self.register_buffer("mean", torch.zeros(T, C))
-        self.register_buffer("precision", torch.eye(C).repeat(T, 1, 1))  # (T, C, C): inverse covariance
-        self.register_buffer("logdet", torch.zeros(T))  # log det of each covariance
-        self.register_buffer("fitted", torch.zeros(T, dtype=torch.bool))
-
-    def fit(self, task_index, queries):
-        """queries (N, C) of the task's training windows. The covariance is shrunk toward its mean variance by
-        SHRINK, so a task whose queries span fewer than C directions still has an invertible one."""
-        q = queries.double()
-        centred = q - q.mean(0)
-        cov = centred.T @ centred / max(len(q) - 1, 1)  # (C, C)
-        cov = cov + SHRINK * cov.diagonal().mean() * torch.eye(len(cov), dtype=cov.dtype, device=cov.device)
-        self.mean[task_index] = q.mean(0).float()
-        self.precision[task_index] = torch.linalg.inv(cov).float()
-        self.logdet[task_index] = torch.linalg.slogdet(cov)[1].float()
-        self.fitted[task_index] = True
-
-    def infer(self, query):
-        """query (B, C) -> the most likely fitted task (B,): argmin of (q - mu)^T S^-1 (q - mu) + log det S."""
-        d = query.float()[:, None, :] - self.mean[None]  # (B, T, C)
-        nll = torch.einsum("btc,tcd,btd->bt", d, self.precision, d) + self.logdet  # (B, T)
-        return nll.masked_fill(~self.fitted, float("inf")).argmin(-1)
-
-
-SHRINK = 1e-3  # TaskStatistics: covariance + SHRINK * mean variance * I (our choice)
-
-
-class KeyedPool(nn.Module):
-    """P entries chosen by their keys, the part L2M shares with L2P (Schmied et al. 2023, Sec. 3; the authors'
-    L2PPrompt): query = masked mean of the embedded state tokens; cosine similarity to every key; the top_k entries
-    per sample. Training from the second task on, the score becomes ((cos + 1) / 2) * inv, inv = normalized
-    1 / (selection frequency so far + 1e-6), refreshed at each task switch, so a new task takes entries no earlier
-    task used. n_groups > 0 (the oracle): entries split into n_groups contiguous groups, masked by the task id;
-    with task_stats (l2m-stats), the pool also learns to infer that id from the query (TaskStatistics)."""
-
-    def __init__(self, pool_size, n_embd, n_groups=0, top_k=1, task_stats=False):
-        super().__init__()
-        P = pool_size
-        self.n_groups, self.top_k = n_groups, top_k
-        self.tasks = TaskStatistics(n_groups, n_embd) if task_stats else None
-        self.keys = nn.Parameter(torch.empty(P, n_embd).uniform_(-1.0, 1.0))  # init_keys: uniform
-        self.register_buffer("counts", torch.zeros(P))  # running mean of the per-batch selection histogram
-        self.register_buffer("n_batches", torch.zeros((), dtype=torch.long))
-        self.register_buffer("inv_counts", torch.full((P,), 1.0 / P))
-        self.register_buffer("penalize", torch.zeros((), dtype=torch.bool))
-
-    @property
-    def size(self):
-        return self.keys.shape[0]
-
-    def start_task(self, task_index):
-        """At a task switch: refresh the inverse-frequency weights; the penalty applies from the second task on."""
-        inv = 1.0 / (self.counts + 1e-6)  # L2M: inverse selection frequency of the tasks so far
-        self.inv_counts.copy_(inv / inv.sum())
-        self.penalize.fill_(task_index > 0)
-
-    def select(self, query, task_ids=None):
-        """query (B, C) -> entry index (B,) (top_k 1) or (B, top_k), cosine similarity to every key (B, P)."""
-        with torch.autocast(query.device.type, enabled=False):  # fp32 even under bf16 autocast, as the authors
-            sim = F.normalize(query.float(), dim=-1) @ F.normalize(self.keys.float(), dim=-1).T  # (B, P) L2M: cosine
-            score = sim
-            if self.training and self.penalize:
-                score = (sim + 1.0) / 2.0 * self.inv_counts  # (B, P) L2M: count penalty
-        if self.n_groups > 0:  # L2M oracle: only the entries of the sample's own task group
-            group = torch.arange(self.size, device=sim.device) // (self.size // self.n_groups)  # (P,)
-            score = score.masked_fill(group[None, :] != task_ids[:, None], float("-inf"))
-        index = score.argmax(dim=-1) if self.top_k == 1 else score.topk(self.top_k, dim=-1).indices  # L2M: top-1
-        if self.training:
-            histogram = torch.bincount(index.flatten(), minlength=self.size).float() / index.numel()  # (P,)
-            self.n_batches += 1
-            self.counts += (histogram - self.counts) / self.n_batches  # L2M: selection frequency
-        return index, sim
-
-
-class ModulationPool(KeyedPool):
-    """L2M's pool: P entries, each a key in R^C and, for every layer, modulators of the attention and the MLP:
-    kind "lora", low-rank residuals on Q, V and the MLP's hidden pre-activations (L2M); kind "ia3", vectors that
-    scale K, V and the MLP's hidden activations ((IA)3, Liu et al. 2022; the authors' L2M-(IA)3). Top-1 selection
-    (KeyedPool). A pool of one entry is one shared set (LoRA, (IA)3)."""
-
-    def __init__(self, n_layer, n_embd, pool_size=30, rank=8, alpha=16.0, n_groups=0, kind="lora", task_stats=False):
-        super().__init__(pool_size, n_embd, n_groups, task_stats=task_stats)
-        if kind not in POOL_KINDS:
-            raise ValueError(f"unknown modulator kind {kind!r}: use one of {', '.join(POOL_KINDS)}")
-        P, L, C, r = pool_size, n_layer, n_embd, rank
-        self.kind, self.n_layer = kind, L
-        self.scale = alpha / rank  # l2m_lora.yaml: rank 8, lora_alpha = 2 * rank
-        if kind == "ia3":  # L2MIA3._setup_prompt: ones, so a fresh entry changes nothing
-            self.k_scale = nn.Parameter(torch.ones(P, L, C))
-            self.v_scale = nn.Parameter(torch.ones(P, L, C))
-            self.mlp_scale = nn.Parameter(torch.ones(P, L, 4 * C))
-        else:  # A: per-matrix kaiming-uniform like loralib (bound 1/sqrt(fan_in)); B: zero, a fresh entry does nothing
-            self.q_a = nn.Parameter(torch.empty(P, L, C, r).uniform_(-1.0, 1.0) / math.sqrt(C))
-            self.v_a = nn.Parameter(torch.empty(P, L, C, r).uniform_(-1.0, 1.0) / math.sqrt(C))
-            self.mlp_a = nn.Parameter(torch.empty(P, L, 4 * C, r).uniform_(-1.0, 1.0) / math.sqrt(4 * C))
-            self.q_b = nn.Parameter(torch.zeros(P, L, r, C))
-            self.v_b = nn.Parameter(torch.zeros(P, L, r, C))
-            self.mlp_b = nn.Parameter(torch.zeros(P, L, r, 4 * C))
-
-    def gather(self, index, merged=None, blocks=None, rows=0, dense=False):
-        """Each sample's modulators, per layer: a list of L dicts; for "ia3" k_scale, v_scale (B, 1, C) and
-        mlp_scale (B, 1, 4C); for "lora" q_a, q_b, v_a, v_b, mlp_a, mlp_b, select, scale, as follows; acting with
-        merged weights (merged, a dict kept for one rollout; blocks; rows, the tokens per sample), see merge.
-
-        A training batch uses a few entries (U, often 1). Applying those U entries to the whole batch, one matmul each,
-        and zeroing the columns of other samples' entries (select (B, U*r)) is exact and much cheaper on a CPU than B
-        tiny per-sample matmuls, whose gathers copy one entry per sample forward and scatter it back in backward
-        (measured: README, Performance), even when many entries are in use, as in the first steps of the first task.
-        Acting on many tasks at once without gradients, the dense form would waste U times the work, so there each
-        sample gets its own matrices (B, in, r) / (B, r, out) and select is None."""
-        L = self.n_layer
-        if self.kind == "ia3":  # vectors: a per-sample gather is as cheap as it gets
-            return [
-                dict(
-                    k_scale=self.k_scale[index, layer, None],
-                    v_scale=self.v_scale[index, layer, None],
-                    mlp_scale=self.mlp_scale[index, layer, None],
-                )
-                for layer in range(L)
-            ]
-        used, slot = torch.unique(index, return_inverse=True)  # (U,), (B,): the entries in use, each sample's slot
-        r, C = self.q_a.shape[-1], self.q_a.shape[2]
-        if merged is not None and len(index) * rows >= len(used) * C:  # folding costs ~C rows' work per entry
-            return self.merge(index, merged, blocks)
-        if len(used) > DENSE_ENTRIES and not torch.is_grad_enabled() and not dense:
-            return [
-                dict(
-                    q_a=self.q_a[index, layer],
-                    q_b=self.q_b[index, layer],
-                    v_a=self.v_a[index, layer],
-                    v_b=self.v_b[index, layer],
-                    mlp_a=self.mlp_a[index, layer],
-                    mlp_b=self.mlp_b[index, layer],
-                    select=None,
-                    scale=self.scale,
-                )
-                for layer in range(L)
-            ]
-        select = F.one_hot(slot, len(used)).bool().repeat_interleave(r, dim=1)  # (B, U*r)
-        a = [p[used].permute(1, 2, 0, 3).flatten(2) for p in (self.q_a, self.v_a, self.mlp_a)]  # (L, in, U*r) each
-        b = [p[used].permute(1, 0, 2, 3).flatten(1, 2) for p in (self.q_b, self.v_b, self.mlp_b)]  # (L, U*r, out) each
-        return [
-            dict(
-                q_a=a[0][layer],
-                v_a=a[1][layer],
-                mlp_a=a[2][layer],
-                q_b=b[0][layer],
-                v_b=b[1][layer],
-                mlp_b=b[2][layer],
-                select=select,
-                scale=self.scale,
-            )
-            for layer in range(L)
-        ]
-
-    def merge(self, index, merged, blocks):
-        """Acting: the batch ordered by entry (order, the argsort of index), each entry's LoRA folded into the frozen
-        weights it modulates for the first pass over the context (key "first"), so each entry's slice of the batch
-        costs one matmul per modulated layer and nothing more, and the dense form in that order for the later
-        single-token passes. On a CPU the per-sample form ran at ~8 GFLOP/s, a fifth of an acting step. Folded:
-        Q, V: x (W + s A B); the MLP's residual on its pre-activations, u + s (u A) B with u = x W + b, is
-        u (I + s A B) = x (W + s (W A) B) + (b + s (b A) B). merged: entry -> its folded weights per layer, filled
-        here as entries come up; it must not outlive the weights (a rollout keeps one)."""
-        order = torch.argsort(index, stable=True)  # (B,)
-        mods = self.gather(index[order], dense=True)  # in the new order
-        used, counts = torch.unique(index, return_counts=True)  # (U,) ascending: the order's groups
-        entries, bounds = used.tolist(), [0, *counts.cumsum(0).tolist()]
-        device = index.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.q_a.dtype
-        for e in entries:
-            if (e, dtype) not in merged:
-                with torch.autocast(device, enabled=False):
-                    merged[e, dtype] = self.fold(e, blocks, dtype)
-        groups = list(zip(bounds[:-1], bounds[1:]))
-        for layer, mod in enumerate(mods):
-            weights = [merged[e, dtype][layer] for e in entries]
-            mod["first"] = dict(groups=groups, **{k: [w[i] for w in weights] for i, k in enumerate(FOLDED)})
-            mod["order"] = order
-        return mods
-
-    def fold(self, e, blocks, dtype):
-        """Entry e's LoRA folded into the blocks' weights (merge), computed in fp32 and cast to dtype -> per layer
-        [qkv (C, 3C), qkv_bias (3C,), fc (C, 4C), fc_bias (4C,)], weights as x @ W."""
-        s, C = self.scale, self.q_a.shape[2]
-        folded = []
-        for layer, block in enumerate(blocks):
-            qkv = block.attn.qkv.weight.T.clone()  # (C, 3C)
-            qkv[:, :C].addmm_(self.q_a[e, layer], self.q_b[e, layer], alpha=s)
-            qkv[:, 2 * C :].addmm_(self.v_a[e, layer], self.v_b[e, layer], alpha=s)
-            a, b, fc, fc_bias = self.mlp_a[e, layer], self.mlp_b[e, layer], block.mlp.fc.weight.T, block.mlp.fc.bias
-            fc = torch.addmm(fc, fc @ a, b, alpha=s)  # (C, 4C)
-            fc_bias = torch.addmv(fc_bias, b.T, fc_bias @ a, alpha=s)  # (4C,)
-            folded.append([w.to(dtype) for w in (qkv, block.attn.qkv.bias, fc, fc_bias)])
-        return folded
-
-
-FOLDED = ("qkv", "qkv_bias", "fc", "fc_bias")  # ModulationPool.merge: the folded weights of an entry, per layer
-
-
-class PromptPool(KeyedPool):
-    """L2P's prompt pool (Wang et al. 2022; the authors' L2PPrompt with l2p.yaml: 100 prompts of 5 tokens, top-5):
-    the top_k prompts chosen by their keys (KeyedPool) are concatenated into top_k * length tokens and, by kind,
-    prepended to the input ("pt", prompt tuning), to every layer's input in place of the previous layer's prompt
-    outputs ("pv2", P-tuning v2), or to every layer's attention keys and values ("pret", prefix tuning)."""
-
-    def __init__(self, n_layer, n_embd, pool_size=100, length=5, top_k=5, n_groups=0, kind="pv2"):
-        super().__init__(pool_size, n_embd, n_groups, top_k)
-        if kind not in PROMPT_KINDS:
-            raise ValueError(f"unknown prompt kind {kind!r}: use one of {', '.join(PROMPT_KINDS)}")
-        self.kind = kind
-        depth = {"pt": 1, "pv2": n_layer, "pret": 2 * n_layer}[kind]  # pret: a key and a value prefix per layer
-        self.prompts = nn.Parameter(torch.empty(pool_size, depth, length, n_embd).uniform_(-1.0, 1.0))  # uniform
-
-    @property
-    def n_tokens(self):
-        return self.top_k * self.prompts.shape[2]
-
-    def gather(self, index):
-        """index (B, top_k) -> the chosen prompts, concatenated: (B, depth, top_k * length, C)."""
-        chosen = self.prompts[index].transpose(1, 2)  # (B, depth, top_k, length, C)
-        return chosen.flatten(2, 3)
-
-
-def make_pool(n_layer, n_embd, kind="lora", **kwargs):
-    """The pool a checkpoint's pool_args describe: L2M's modulators or L2P's prompts."""
-    if kind in PROMPT_KINDS:
-        return PromptPool(n_layer, n_embd, kind=kind, **kwargs)
-    return ModulationPool(n_layer, n_embd, kind=kind, **kwargs)
-
-
-DENSE_ENTRIES = 4  # acting with more entries than this in a batch, modulators are applied per sample (see gather)
-
-
-def add_low_rank(base, x, a, b, select, scale, a_bias=0.0):
-    """base + a per-sample low-rank residual s * (x A_i) B_i -> (B, T, out), for base (B, T, out), x (B, T, in) and
-    either
-    dense: a (in, U*r), b (U*r, out), select (B, U*r): x @ a computes every used entry's r columns, select keeps the
-           sample's own; or
-    per sample: a (B, in, r), b (B, r, out), select None.
-    a_bias (dense only): added to x @ a. The scale goes on the rank-r product and the sum into the last matmul: no
-    extra pass over a (B, T, out) tensor."""
-    if select is None:
-        return torch.baddbmm(base, torch.bmm(x, a) * scale, b)
-    h = (x @ a + a_bias) * (select * scale)[:, None, :]  # (B, T, U*r)
-    return torch.addmm(base.flatten(0, 1), h.flatten(0, 1), b).view(base.shape)
-
-
-def grouped_linear(x, weights, biases, groups):
-    """x (B, T, in) whose samples groups[u] = (start, stop) go through weights[u] (in, out) and biases[u] (out,), one
-    matmul per group -> (B, T, out) (ModulationPool.merge)."""
-    x = x.to(weights[0].dtype)  # out= runs outside autocast: the weights carry its dtype
-    out = x.new_empty(*x.shape[:-1], weights[0].shape[-1])
-    for (start, stop), weight, bias in zip(groups, weights, biases):
-        torch.addmm(bias, x[start:stop].flatten(0, 1), weight, out=out[start:stop].flatten(0, 1))
-    return out
+# ---------------------------------------------------------------------------------------------------------
+# The transformer: attention, MLP, block, the Decision Transformer, its loss
 
 
 def dropout(x, p, training):
@@ -342,9 +72,6 @@ def dropout(x, p, training):
     if x.dtype == torch.float32:
         return x * keep.mul_(1.0 / (1.0 - p))
     return x * keep * (1.0 / (1.0 - p))  # bf16 would round 1/(1-p) in the mask (1.109 for 1.111): scale in x's op
-
-
-# ---------------------------------------------------------------------------------------------------------
 
 
 class CausalSelfAttention(nn.Module):
@@ -416,24 +143,6 @@ class MLP(nn.Module):
         if mod is not None and "mlp_scale" in mod:  # (IA)3: the hidden activations rescaled, after the GELU (MLPIA3)
             h = h * mod["mlp_scale"]
         return dropout(self.proj(h), self.dropout, self.training)
-
-
-class Adapter(nn.Module):
-    """A bottleneck adapter (Houlsby et al. 2019; the authors' adapter.py: reduction 16, swish), applied to a
-    sublayer's output before the residual add: y + up(swish(down(y))). The up-projection starts at zero, so a fresh
-    adapter changes nothing (the authors' default draws it from N(0, 0.02); their mam_adapter option zeroes it)."""
-
-    def __init__(self, n_embd, reduction=16):
-        super().__init__()
-        self.down = nn.Linear(n_embd, max(1, n_embd // reduction))
-        self.up = nn.Linear(max(1, n_embd // reduction), n_embd)
-        nn.init.normal_(self.down.weight, std=0.02)
-        nn.init.zeros_(self.down.bias)
-        nn.init.zeros_(self.up.weight)
-        nn.init.zeros_(self.up.bias)
-
-    def forward(self, y):
-        return y + self.up(F.silu(self.down(y)))  # swish = SiLU
 
 
 class Block(nn.Module):
@@ -717,6 +426,324 @@ class DecisionTransformer(nn.Module):
         return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True)
 
 
+def action_loss(logits, target_bins, valid):
+    """Cross-entropy over valid action tokens: logits (B, K, A, NB), target_bins (B, K, A), valid (B, K, A) bool.
+    -> (mean loss, accuracy) over the valid tokens (padded timesteps and padded dims carry no loss)."""
+    flat_valid = valid.reshape(-1)
+    chosen_logits = logits.reshape(-1, logits.shape[-1])[flat_valid]  # (N, NB)
+    chosen_targets = target_bins.reshape(-1)[flat_valid]  # (N,)
+    loss = F.cross_entropy(chosen_logits.float(), chosen_targets)
+    accuracy = (chosen_logits.argmax(-1) == chosen_targets).float().mean()
+    return loss, accuracy
+
+
+# ---------------------------------------------------------------------------------------------------------
+# L2M: the pool of key-matched low-rank modulators (Schmied et al. 2023)
+
+POOL_KINDS = ("lora", "ia3")  # what a modulation entry holds: low-rank residuals (L2M) or scaling vectors (L2M-(IA)3)
+
+
+class KeyedPool(nn.Module):
+    """P entries chosen by their keys, the part L2M shares with L2P (Schmied et al. 2023, Sec. 3; the authors'
+    L2PPrompt): query = masked mean of the embedded state tokens; cosine similarity to every key; the top_k entries
+    per sample. Training from the second task on, the score becomes ((cos + 1) / 2) * inv, inv = normalized
+    1 / (selection frequency so far + 1e-6), refreshed at each task switch, so a new task takes entries no earlier
+    task used. n_groups > 0 (the oracle): entries split into n_groups contiguous groups, masked by the task id;
+    with task_stats (l2m-stats), the pool also learns to infer that id from the query (TaskStatistics)."""
+
+    def __init__(self, pool_size, n_embd, n_groups=0, top_k=1, task_stats=False):
+        super().__init__()
+        P = pool_size
+        self.n_groups, self.top_k = n_groups, top_k
+        self.tasks = TaskStatistics(n_groups, n_embd) if task_stats else None
+        self.keys = nn.Parameter(torch.empty(P, n_embd).uniform_(-1.0, 1.0))  # init_keys: uniform
+        self.register_buffer("counts", torch.zeros(P))  # running mean of the per-batch selection histogram
+        self.register_buffer("n_batches", torch.zeros((), dtype=torch.long))
+        self.register_buffer("inv_counts", torch.full((P,), 1.0 / P))
+        self.register_buffer("penalize", torch.zeros((), dtype=torch.bool))
+
+    @property
+    def size(self):
+        return self.keys.shape[0]
+
+    def start_task(self, task_index):
+        """At a task switch: refresh the inverse-frequency weights; the penalty applies from the second task on."""
+        inv = 1.0 / (self.counts + 1e-6)  # L2M: inverse selection frequency of the tasks so far
+        self.inv_counts.copy_(inv / inv.sum())
+        self.penalize.fill_(task_index > 0)
+
+    def select(self, query, task_ids=None):
+        """query (B, C) -> entry index (B,) (top_k 1) or (B, top_k), cosine similarity to every key (B, P)."""
+        with torch.autocast(query.device.type, enabled=False):  # fp32 even under bf16 autocast, as the authors
+            sim = F.normalize(query.float(), dim=-1) @ F.normalize(self.keys.float(), dim=-1).T  # (B, P) L2M: cosine
+            score = sim
+            if self.training and self.penalize:
+                score = (sim + 1.0) / 2.0 * self.inv_counts  # (B, P) L2M: count penalty
+        if self.n_groups > 0:  # L2M oracle: only the entries of the sample's own task group
+            group = torch.arange(self.size, device=sim.device) // (self.size // self.n_groups)  # (P,)
+            score = score.masked_fill(group[None, :] != task_ids[:, None], float("-inf"))
+        index = score.argmax(dim=-1) if self.top_k == 1 else score.topk(self.top_k, dim=-1).indices  # L2M: top-1
+        if self.training:
+            histogram = torch.bincount(index.flatten(), minlength=self.size).float() / index.numel()  # (P,)
+            self.n_batches += 1
+            self.counts += (histogram - self.counts) / self.n_batches  # L2M: selection frequency
+        return index, sim
+
+
+class ModulationPool(KeyedPool):
+    """L2M's pool: P entries, each a key in R^C and, for every layer, modulators of the attention and the MLP:
+    kind "lora", low-rank residuals on Q, V and the MLP's hidden pre-activations (L2M); kind "ia3", vectors that
+    scale K, V and the MLP's hidden activations ((IA)3, Liu et al. 2022; the authors' L2M-(IA)3). Top-1 selection
+    (KeyedPool). A pool of one entry is one shared set (LoRA, (IA)3)."""
+
+    def __init__(self, n_layer, n_embd, pool_size=30, rank=8, alpha=16.0, n_groups=0, kind="lora", task_stats=False):
+        super().__init__(pool_size, n_embd, n_groups, task_stats=task_stats)
+        if kind not in POOL_KINDS:
+            raise ValueError(f"unknown modulator kind {kind!r}: use one of {', '.join(POOL_KINDS)}")
+        P, L, C, r = pool_size, n_layer, n_embd, rank
+        self.kind, self.n_layer = kind, L
+        self.scale = alpha / rank  # l2m_lora.yaml: rank 8, lora_alpha = 2 * rank
+        if kind == "ia3":  # L2MIA3._setup_prompt: ones, so a fresh entry changes nothing
+            self.k_scale = nn.Parameter(torch.ones(P, L, C))
+            self.v_scale = nn.Parameter(torch.ones(P, L, C))
+            self.mlp_scale = nn.Parameter(torch.ones(P, L, 4 * C))
+        else:  # A: per-matrix kaiming-uniform like loralib (bound 1/sqrt(fan_in)); B: zero, a fresh entry does nothing
+            self.q_a = nn.Parameter(torch.empty(P, L, C, r).uniform_(-1.0, 1.0) / math.sqrt(C))
+            self.v_a = nn.Parameter(torch.empty(P, L, C, r).uniform_(-1.0, 1.0) / math.sqrt(C))
+            self.mlp_a = nn.Parameter(torch.empty(P, L, 4 * C, r).uniform_(-1.0, 1.0) / math.sqrt(4 * C))
+            self.q_b = nn.Parameter(torch.zeros(P, L, r, C))
+            self.v_b = nn.Parameter(torch.zeros(P, L, r, C))
+            self.mlp_b = nn.Parameter(torch.zeros(P, L, r, 4 * C))
+
+    def gather(self, index, merged=None, blocks=None, rows=0, dense=False):
+        """Each sample's modulators, per layer: a list of L dicts; for "ia3" k_scale, v_scale (B, 1, C) and
+        mlp_scale (B, 1, 4C); for "lora" q_a, q_b, v_a, v_b, mlp_a, mlp_b, select, scale, as follows; acting with
+        merged weights (merged, a dict kept for one rollout; blocks; rows, the tokens per sample), see merge.
+
+        A training batch uses a few entries (U, often 1). Applying those U entries to the whole batch, one matmul each,
+        and zeroing the columns of other samples' entries (select (B, U*r)) is exact and much cheaper on a CPU than B
+        tiny per-sample matmuls, whose gathers copy one entry per sample forward and scatter it back in backward
+        (measured: README, Performance), even when many entries are in use, as in the first steps of the first task.
+        Acting on many tasks at once without gradients, the dense form would waste U times the work, so there each
+        sample gets its own matrices (B, in, r) / (B, r, out) and select is None."""
+        L = self.n_layer
+        if self.kind == "ia3":  # vectors: a per-sample gather is as cheap as it gets
+            return [
+                dict(
+                    k_scale=self.k_scale[index, layer, None],
+                    v_scale=self.v_scale[index, layer, None],
+                    mlp_scale=self.mlp_scale[index, layer, None],
+                )
+                for layer in range(L)
+            ]
+        used, slot = torch.unique(index, return_inverse=True)  # (U,), (B,): the entries in use, each sample's slot
+        r, C = self.q_a.shape[-1], self.q_a.shape[2]
+        if merged is not None and len(index) * rows >= len(used) * C:  # folding costs ~C rows' work per entry
+            return self.merge(index, merged, blocks)
+        if len(used) > DENSE_ENTRIES and not torch.is_grad_enabled() and not dense:
+            return [
+                dict(
+                    q_a=self.q_a[index, layer],
+                    q_b=self.q_b[index, layer],
+                    v_a=self.v_a[index, layer],
+                    v_b=self.v_b[index, layer],
+                    mlp_a=self.mlp_a[index, layer],
+                    mlp_b=self.mlp_b[index, layer],
+                    select=None,
+                    scale=self.scale,
+                )
+                for layer in range(L)
+            ]
+        select = F.one_hot(slot, len(used)).bool().repeat_interleave(r, dim=1)  # (B, U*r)
+        a = [p[used].permute(1, 2, 0, 3).flatten(2) for p in (self.q_a, self.v_a, self.mlp_a)]  # (L, in, U*r) each
+        b = [p[used].permute(1, 0, 2, 3).flatten(1, 2) for p in (self.q_b, self.v_b, self.mlp_b)]  # (L, U*r, out) each
+        return [
+            dict(
+                q_a=a[0][layer],
+                v_a=a[1][layer],
+                mlp_a=a[2][layer],
+                q_b=b[0][layer],
+                v_b=b[1][layer],
+                mlp_b=b[2][layer],
+                select=select,
+                scale=self.scale,
+            )
+            for layer in range(L)
+        ]
+
+    def merge(self, index, merged, blocks):
+        """Acting: the batch ordered by entry (order, the argsort of index), each entry's LoRA folded into the frozen
+        weights it modulates for the first pass over the context (key "first"), so each entry's slice of the batch
+        costs one matmul per modulated layer and nothing more, and the dense form in that order for the later
+        single-token passes. On a CPU the per-sample form ran at ~8 GFLOP/s, a fifth of an acting step. Folded:
+        Q, V: x (W + s A B); the MLP's residual on its pre-activations, u + s (u A) B with u = x W + b, is
+        u (I + s A B) = x (W + s (W A) B) + (b + s (b A) B). merged: entry -> its folded weights per layer, filled
+        here as entries come up; it must not outlive the weights (a rollout keeps one)."""
+        order = torch.argsort(index, stable=True)  # (B,)
+        mods = self.gather(index[order], dense=True)  # in the new order
+        used, counts = torch.unique(index, return_counts=True)  # (U,) ascending: the order's groups
+        entries, bounds = used.tolist(), [0, *counts.cumsum(0).tolist()]
+        device = index.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.q_a.dtype
+        for e in entries:
+            if (e, dtype) not in merged:
+                with torch.autocast(device, enabled=False):
+                    merged[e, dtype] = self.fold(e, blocks, dtype)
+        groups = list(zip(bounds[:-1], bounds[1:]))
+        for layer, mod in enumerate(mods):
+            weights = [merged[e, dtype][layer] for e in entries]
+            mod["first"] = dict(groups=groups, **{k: [w[i] for w in weights] for i, k in enumerate(FOLDED)})
+            mod["order"] = order
+        return mods
+
+    def fold(self, e, blocks, dtype):
+        """Entry e's LoRA folded into the blocks' weights (merge), computed in fp32 and cast to dtype -> per layer
+        [qkv (C, 3C), qkv_bias (3C,), fc (C, 4C), fc_bias (4C,)], weights as x @ W."""
+        s, C = self.scale, self.q_a.shape[2]
+        folded = []
+        for layer, block in enumerate(blocks):
+            qkv = block.attn.qkv.weight.T.clone()  # (C, 3C)
+            qkv[:, :C].addmm_(self.q_a[e, layer], self.q_b[e, layer], alpha=s)
+            qkv[:, 2 * C :].addmm_(self.v_a[e, layer], self.v_b[e, layer], alpha=s)
+            a, b, fc, fc_bias = self.mlp_a[e, layer], self.mlp_b[e, layer], block.mlp.fc.weight.T, block.mlp.fc.bias
+            fc = torch.addmm(fc, fc @ a, b, alpha=s)  # (C, 4C)
+            fc_bias = torch.addmv(fc_bias, b.T, fc_bias @ a, alpha=s)  # (4C,)
+            folded.append([w.to(dtype) for w in (qkv, block.attn.qkv.bias, fc, fc_bias)])
+        return folded
+
+
+def make_pool(n_layer, n_embd, kind="lora", **kwargs):
+    """The pool a checkpoint's pool_args describe: L2M's modulators or L2P's prompts."""
+    if kind in PROMPT_KINDS:
+        return PromptPool(n_layer, n_embd, kind=kind, **kwargs)
+    return ModulationPool(n_layer, n_embd, kind=kind, **kwargs)
+
+
+DENSE_ENTRIES = 4  # acting with more entries than this in a batch, modulators are applied per sample (see gather)
+
+
+def add_low_rank(base, x, a, b, select, scale, a_bias=0.0):
+    """base + a per-sample low-rank residual s * (x A_i) B_i -> (B, T, out), for base (B, T, out), x (B, T, in) and
+    either
+    dense: a (in, U*r), b (U*r, out), select (B, U*r): x @ a computes every used entry's r columns, select keeps the
+           sample's own; or
+    per sample: a (B, in, r), b (B, r, out), select None.
+    a_bias (dense only): added to x @ a. The scale goes on the rank-r product and the sum into the last matmul: no
+    extra pass over a (B, T, out) tensor."""
+    if select is None:
+        return torch.baddbmm(base, torch.bmm(x, a) * scale, b)
+    h = (x @ a + a_bias) * (select * scale)[:, None, :]  # (B, T, U*r)
+    return torch.addmm(base.flatten(0, 1), h.flatten(0, 1), b).view(base.shape)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The other methods' modules: L2P's prompts, adapters
+
+PROMPT_KINDS = ("pt", "pv2", "pret")  # L2P's prompts: at the input, at every layer's input, as attention prefixes
+
+
+class PromptPool(KeyedPool):
+    """L2P's prompt pool (Wang et al. 2022; the authors' L2PPrompt with l2p.yaml: 100 prompts of 5 tokens, top-5):
+    the top_k prompts chosen by their keys (KeyedPool) are concatenated into top_k * length tokens and, by kind,
+    prepended to the input ("pt", prompt tuning), to every layer's input in place of the previous layer's prompt
+    outputs ("pv2", P-tuning v2), or to every layer's attention keys and values ("pret", prefix tuning)."""
+
+    def __init__(self, n_layer, n_embd, pool_size=100, length=5, top_k=5, n_groups=0, kind="pv2"):
+        super().__init__(pool_size, n_embd, n_groups, top_k)
+        if kind not in PROMPT_KINDS:
+            raise ValueError(f"unknown prompt kind {kind!r}: use one of {', '.join(PROMPT_KINDS)}")
+        self.kind = kind
+        depth = {"pt": 1, "pv2": n_layer, "pret": 2 * n_layer}[kind]  # pret: a key and a value prefix per layer
+        self.prompts = nn.Parameter(torch.empty(pool_size, depth, length, n_embd).uniform_(-1.0, 1.0))  # uniform
+
+    @property
+    def n_tokens(self):
+        return self.top_k * self.prompts.shape[2]
+
+    def gather(self, index):
+        """index (B, top_k) -> the chosen prompts, concatenated: (B, depth, top_k * length, C)."""
+        chosen = self.prompts[index].transpose(1, 2)  # (B, depth, top_k, length, C)
+        return chosen.flatten(2, 3)
+
+
+class Adapter(nn.Module):
+    """A bottleneck adapter (Houlsby et al. 2019; the authors' adapter.py: reduction 16, swish), applied to a
+    sublayer's output before the residual add: y + up(swish(down(y))). The up-projection starts at zero, so a fresh
+    adapter changes nothing (the authors' default draws it from N(0, 0.02); their mam_adapter option zeroes it)."""
+
+    def __init__(self, n_embd, reduction=16):
+        super().__init__()
+        self.down = nn.Linear(n_embd, max(1, n_embd // reduction))
+        self.up = nn.Linear(max(1, n_embd // reduction), n_embd)
+        nn.init.normal_(self.down.weight, std=0.02)
+        nn.init.zeros_(self.down.bias)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, y):
+        return y + self.up(F.silu(self.down(y)))  # swish = SiLU
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Task inference for l2m-stats (beyond the paper): one Gaussian of the queries per task
+
+SHRINK = 1e-3  # TaskStatistics: covariance + SHRINK * mean variance * I (our choice)
+
+
+class TaskStatistics(nn.Module):
+    """Task inference without a task id (l2m-stats, beyond the paper): each task's query distribution, a Gaussian
+    with its own mean and covariance fitted to the queries of its training windows at the end of the task; a query
+    goes to the task under which it is most likely (quadratic discriminant analysis). The queries come from frozen
+    weights only, so a task's statistics never go stale. Why not keys: L2M's keys are pulled toward the queries by
+    the loss, and on CW10 later tasks' keys took over earlier tasks' windows (push vs push-wall)."""
+
+    def __init__(self, n_tasks, n_embd):
+        super().__init__()
+        T, C = n_tasks, n_embd
+        self.register_buffer("mean", torch.zeros(T, C))
+        self.register_buffer("precision", torch.eye(C).repeat(T, 1, 1))  # (T, C, C): inverse covariance
+        self.register_buffer("logdet", torch.zeros(T))  # log det of each covariance
+        self.register_buffer("fitted", torch.zeros(T, dtype=torch.bool))
+
+    def fit(self, task_index, queries):
+        """queries (N, C) of the task's training windows. The covariance is shrunk toward its mean variance by
+        SHRINK, so a task whose queries span fewer than C directions still has an invertible one."""
+        q = queries.double()
+        centred = q - q.mean(0)
+        cov = centred.T @ centred / max(len(q) - 1, 1)  # (C, C)
+        cov = cov + SHRINK * cov.diagonal().mean() * torch.eye(len(cov), dtype=cov.dtype, device=cov.device)
+        self.mean[task_index] = q.mean(0).float()
+        self.precision[task_index] = torch.linalg.inv(cov).float()
+        self.logdet[task_index] = torch.linalg.slogdet(cov)[1].float()
+        self.fitted[task_index] = True
+
+    def infer(self, query):
+        """query (B, C) -> the most likely fitted task (B,): argmin of (q - mu)^T S^-1 (q - mu) + log det S."""
+        d = query.float()[:, None, :] - self.mean[None]  # (B, T, C)
+        nll = torch.einsum("btc,tcd,btd->bt", d, self.precision, d) + self.logdet  # (B, T)
+        return nll.masked_fill(~self.fitted, float("inf")).argmin(-1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Speed-ups for acting: pool entries folded into the weights they modulate (ModulationPool.merge)
+
+FOLDED = ("qkv", "qkv_bias", "fc", "fc_bias")  # ModulationPool.merge: the folded weights of an entry, per layer
+
+
+def grouped_linear(x, weights, biases, groups):
+    """x (B, T, in) whose samples groups[u] = (start, stop) go through weights[u] (in, out) and biases[u] (out,), one
+    matmul per group -> (B, T, out) (ModulationPool.merge)."""
+    x = x.to(weights[0].dtype)  # out= runs outside autocast: the weights carry its dtype
+    out = x.new_empty(*x.shape[:-1], weights[0].shape[-1])
+    for (start, stop), weight, bias in zip(groups, weights, biases):
+        torch.addmm(bias, x[start:stop].flatten(0, 1), weight, out=out[start:stop].flatten(0, 1))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Device and precision
+
+
 def resolve_device(name):
     """'auto' -> cuda when present, else Apple's mps, else cpu (never a hard cuda default). A device this machine
     lacks is a ValueError that says so."""
@@ -760,14 +787,3 @@ def use_bf16(precision, device):
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     return device.type == "cpu" and torch.cpu._is_avx512_bf16_supported()
-
-
-def action_loss(logits, target_bins, valid):
-    """Cross-entropy over valid action tokens: logits (B, K, A, NB), target_bins (B, K, A), valid (B, K, A) bool.
-    -> (mean loss, accuracy) over the valid tokens (padded timesteps and padded dims carry no loss)."""
-    flat_valid = valid.reshape(-1)
-    chosen_logits = logits.reshape(-1, logits.shape[-1])[flat_valid]  # (N, NB)
-    chosen_targets = target_bins.reshape(-1)[flat_valid]  # (N,)
-    loss = F.cross_entropy(chosen_logits.float(), chosen_targets)
-    accuracy = (chosen_logits.argmax(-1) == chosen_targets).float().mean()
-    return loss, accuracy
