@@ -372,13 +372,20 @@ def snapshot_path(out, step):
     return os.path.join(os.path.dirname(out) or ".", f"ckpt-step{step}.pt")
 
 
+def made_with_args(ckpt):
+    """The settings a checkpoint was made with; a setting newer than the checkpoint is taken at its default (the
+    behaviour the older code had), so resuming or branching an older run is not refused over it."""
+    return {**asdict(Args()), **ckpt["args"]}
+
+
 def check_branch(source, args):
     """Refuse a --branch-from snapshot that this run would not have passed through itself: another setting than
     --steps (and run control), not a wsd run, or a step past its own or this run's constant-lr phase."""
+    made_with = made_with_args(source)
     differs = [
-        f"--{k.replace('_', '-')} {source['args'][k]!r} (snapshot) vs {v!r} (now)"
+        f"--{k.replace('_', '-')} {made_with[k]!r} (snapshot) vs {v!r} (now)"
         for k, v in asdict(args).items()
-        if k not in RUN_CONTROL and k != "steps" and source["args"].get(k) != v
+        if k not in RUN_CONTROL and k != "steps" and made_with[k] != v
     ]
     if differs:
         raise ValueError(
@@ -476,10 +483,11 @@ def main(args):
             print(f"no checkpoint at {args.out} yet: starting a new run")
         if args.resume and os.path.exists(args.out):
             ckpt, origin = load_checkpoint(args.out, kinds=("pretrain",)), "resuming"
+            made_with = made_with_args(ckpt)
             differs = [
-                f"--{k.replace('_', '-')} {ckpt['args'][k]!r} (checkpoint) vs {v!r} (now)"
+                f"--{k.replace('_', '-')} {made_with[k]!r} (checkpoint) vs {v!r} (now)"
                 for k, v in asdict(args).items()
-                if k not in RUN_CONTROL and ckpt["args"].get(k) != v
+                if k not in RUN_CONTROL and made_with[k] != v
             ]
             if ckpt.get("world_size", 1) != world_size:
                 differs.append(f"{ckpt.get('world_size', 1)} processes (checkpoint) vs {world_size} (now)")

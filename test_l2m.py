@@ -1148,6 +1148,17 @@ def test_the_paper_preset_sets_the_papers_scale_and_flags_given_still_win():
     assert finetune.command_line(tuned).startswith("python finetune.py --preset paper --steps-per-task 100000")
 
 
+def test_a_run_from_before_a_setting_existed_resumes_at_that_settings_default(fake_data):
+    pretrain.main(pretrain_args(fake_data))
+    old = torch.load(fake_data / "run" / "ckpt.pt", weights_only=True)
+    old["step"] = 3  # as if it had stopped at its first save
+    for newer in ("preset", "schedule", "decay_frac"):  # settings added after such a checkpoint was written
+        del old["args"][newer]
+    torch.save(old, fake_data / "run" / "ckpt.pt")
+    pretrain.main(pretrain_args(fake_data, resume=True))
+    assert torch.load(fake_data / "run" / "ckpt.pt", weights_only=True)["step"] == 6
+
+
 def test_resume_with_other_settings_says_what_differs(fake_data, capsys):
     pretrain.main(pretrain_args(fake_data))
     argv = [f"--{k.replace('_', '-')}={v}" for k, v in asdict(pretrain_args(fake_data, n_embd=64)).items()]
