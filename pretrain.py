@@ -372,21 +372,22 @@ def snapshot_path(out, step):
     return os.path.join(os.path.dirname(out) or ".", f"ckpt-step{step}.pt")
 
 
-def made_with_args(ckpt):
-    """The settings a checkpoint was made with; a setting newer than the checkpoint is taken at its default (the
-    behaviour the older code had), so resuming or branching an older run is not refused over it."""
-    return {**asdict(Args()), **ckpt["args"]}
+def differing_settings(ckpt, args, what, also_allowed=()):
+    """What a run with `args` would change of the settings `ckpt` was made with, as "--flag old (what) vs new (now)"
+    lines; run control and `also_allowed` may differ. A setting newer than the checkpoint is taken at its default
+    (the behaviour the older code had), so an older run is not refused over it."""
+    made_with = {**asdict(Args()), **ckpt["args"]}
+    return [
+        f"--{k.replace('_', '-')} {made_with[k]!r} ({what}) vs {v!r} (now)"
+        for k, v in asdict(args).items()
+        if k not in RUN_CONTROL | set(also_allowed) and made_with[k] != v
+    ]
 
 
 def check_branch(source, args):
     """Refuse a --branch-from snapshot that this run would not have passed through itself: another setting than
     --steps (and run control), not a wsd run, or a step past its own or this run's constant-lr phase."""
-    made_with = made_with_args(source)
-    differs = [
-        f"--{k.replace('_', '-')} {made_with[k]!r} (snapshot) vs {v!r} (now)"
-        for k, v in asdict(args).items()
-        if k not in RUN_CONTROL and k != "steps" and made_with[k] != v
-    ]
+    differs = differing_settings(source, args, "snapshot", also_allowed=("steps",))
     if differs:
         raise ValueError(
             f"cannot branch from {args.branch_from}: it was made with other settings: {'; '.join(differs)}"
@@ -483,12 +484,7 @@ def main(args):
             print(f"no checkpoint at {args.out} yet: starting a new run")
         if args.resume and os.path.exists(args.out):
             ckpt, origin = load_checkpoint(args.out, kinds=("pretrain",)), "resuming"
-            made_with = made_with_args(ckpt)
-            differs = [
-                f"--{k.replace('_', '-')} {made_with[k]!r} (checkpoint) vs {v!r} (now)"
-                for k, v in asdict(args).items()
-                if k not in RUN_CONTROL and made_with[k] != v
-            ]
+            differs = differing_settings(ckpt, args, "checkpoint")
             if ckpt.get("world_size", 1) != world_size:
                 differs.append(f"{ckpt.get('world_size', 1)} processes (checkpoint) vs {world_size} (now)")
             if differs:
