@@ -113,6 +113,7 @@ def test_dmcontrol_observations_use_the_authors_204_column_layout():
     assert 203 in collect.make_env("walker-walk").columns  # the authors' example: walker's height, the last column
 
 
+@pytest.mark.slow
 def test_metaworld_env_equals_one_built_through_the_official_mt1_benchmark():
     """Our shortcut (a directly built Task, a copied compiled model) steps exactly like metaworld's own MT1 path."""
     name = "push-wall-v3"
@@ -166,7 +167,7 @@ def test_sac_log_prob_matches_torch_distributions():
 
 def test_sac_update_fits_the_critic_to_a_fixed_batch():
     torch.manual_seed(0)
-    agent = collect.SAC(obs_dim=4, act_dim=2, hidden=32, lr=1e-3)
+    agent = collect.SAC(obs_dim=4, act_dim=2, hidden=32, lr=3e-3)
     obs, action = torch.randn(32, 4), torch.rand(32, 2) * 2 - 1
     reward, terminal = torch.randn(32), torch.ones(32)  # terminal: the target is the reward alone
 
@@ -174,7 +175,7 @@ def test_sac_update_fits_the_critic_to_a_fixed_batch():
         return (agent.q1(torch.cat([obs, action], -1)).squeeze(-1) - reward).pow(2).mean().item()
 
     before = q_error()
-    for _ in range(500):
+    for _ in range(150):
         agent.update(obs, action, reward, obs, terminal)
     assert q_error() < 0.1 * before
 
@@ -182,10 +183,10 @@ def test_sac_update_fits_the_critic_to_a_fixed_batch():
 def test_sac_actor_learns_the_best_action_of_a_bandit():
     """One-step episodes with reward -(a - 0.5)^2: the critic learns it from uniform actions, the actor its argmax."""
     torch.manual_seed(0)
-    agent = collect.SAC(obs_dim=4, act_dim=1, hidden=32, lr=3e-3)
+    agent = collect.SAC(obs_dim=4, act_dim=1, hidden=32, lr=1e-2)
     obs, action = torch.randn(256, 4), torch.rand(256, 1) * 2 - 1
     reward, terminal = -((action[:, 0] - 0.5) ** 2), torch.ones(256)
-    for _ in range(600):
+    for _ in range(300):
         agent.update(obs, action, reward, obs, terminal)
     with torch.no_grad():
         mean_action = torch.tanh(agent.actor(obs[:32]).chunk(2, dim=-1)[0]).mean().item()
@@ -396,7 +397,7 @@ def test_stop_rule_stands_still_once_solved_and_the_best_rule_is_chosen():
     assert all(np.array_equal(a, b[1]) for (_, a, *_), b in zip(episode[: solved + 1], noisy)), (
         "same episode until solved"
     )
-    rule, scores = collect.choose_hold_rule(env, expert, [0.0, 0.3], seed=5, episodes=3)
+    rule, scores = collect.choose_hold_rule(env, expert, [0.0, 0.3], seed=5, episodes=1)
     assert set(scores) == set(collect.HOLD_RULES) and scores[rule] == max(scores.values())
 
 
@@ -1034,6 +1035,7 @@ def test_resume_equals_an_uninterrupted_run(fake_data, monkeypatch):
         assert torch.equal(v, resumed["model"][k]), k
 
 
+@pytest.mark.slow
 def test_a_kill_between_evaluation_and_save_logs_each_evaluation_once(fake_data, monkeypatch):
     pretrain.main(pretrain_args(fake_data, out=str(fake_data / "a" / "ckpt.pt")))
     real_save, saves = pretrain.save_atomic, []
@@ -1079,6 +1081,7 @@ def test_wsd_lr_is_constant_until_its_decay_then_falls_to_min_lr():
     assert [pretrain.lr_at(s, longer) for s in range(81)] == lrs[:81]  # a longer run passes through this one
 
 
+@pytest.mark.slow
 def test_a_decay_branched_from_a_snapshot_equals_the_run_that_made_it(fake_data, capsys):
     wsd = dict(schedule="wsd", decay_frac=0.5, steps=8, warmup_steps=2, eval_every=4, save_every=100)
     pretrain.main(pretrain_args(fake_data, out=str(fake_data / "a" / "ckpt.pt"), snapshots="3", **wsd))
@@ -1099,6 +1102,7 @@ def test_a_decay_branched_from_a_snapshot_equals_the_run_that_made_it(fake_data,
     assert not (fake_data / "c").exists()
 
 
+@pytest.mark.slow
 def test_grad_clip_zero_means_no_clipping(fake_data):
     pretrain.main(pretrain_args(fake_data, out=str(fake_data / "a" / "ckpt.pt"), grad_clip=0.0))
     pretrain.main(pretrain_args(fake_data, out=str(fake_data / "b" / "ckpt.pt"), grad_clip=1e9))  # never binds
@@ -1107,6 +1111,7 @@ def test_grad_clip_zero_means_no_clipping(fake_data):
         assert torch.equal(v, unclipped[k]), k
 
 
+@pytest.mark.slow
 def test_one_writer_per_folder_and_a_dead_holder_is_taken_over(fake_data, capsys):
     argv = [f"--{k.replace('_', '-')}={v}" for k, v in asdict(pretrain_args(fake_data)).items() if v is not False]
     holder = subprocess.Popen(
@@ -1148,6 +1153,7 @@ def test_the_paper_preset_sets_the_papers_scale_and_flags_given_still_win():
     assert finetune.command_line(tuned).startswith("python finetune.py --preset paper --steps-per-task 100000")
 
 
+@pytest.mark.slow
 def test_a_run_from_before_a_setting_existed_resumes_at_that_settings_default(fake_data):
     pretrain.main(pretrain_args(fake_data))
     old = torch.load(fake_data / "run" / "ckpt.pt", weights_only=True)
@@ -1460,6 +1466,7 @@ def pipeline(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_env_workers_end_with_the_process_that_forked_them():
     code = "import time, evaluate; evaluate.env_workers(2); print('ready', flush=True); time.sleep(120)"
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=HERE, stdout=subprocess.PIPE, text=True)
@@ -1876,6 +1883,33 @@ def test_finetune_bad_input_fails_cleanly(pipeline, tmp_path, argv, message, cap
     assert not (tmp_path / "run").exists()
 
 
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory):
+    """One folder of bad files shared by the cases below: none of them may write to it."""
+    tmp_path = tmp_path_factory.mktemp("bad_inputs")
+    (tmp_path / "FILE").write_text("not a checkpoint, not a directory")
+    net = tiny_model()  # checkpoints from elsewhere: a bare state_dict, a fine-tuning run, a hand-edited config
+    pretrained = dict(model=net.state_dict(), model_args=asdict(net.cfg), tasks=[], step=0, args={})
+    torch.save(net.state_dict(), tmp_path / "BARE")
+    torch.save({**pretrained, "kind": "finetune", "pretrained": {}, "pool_args": None, "success": [], "stages": []},
+               tmp_path / "FINETUNED")  # fmt: skip
+    torch.save({**pretrained, "model_args": {**asdict(net.cfg), "n_embd": 64}}, tmp_path / "EDITED")
+    narrow = {"observations": lambda o: o[:, :20]}  # reach-v3's environment has 39
+    for folder, change in (("strings", {"rewards": str}), ("wide", {"actions": lambda a: 3 * a}), ("narrow", narrow)):
+        (tmp_path / folder).mkdir()
+        arrays = write_fake_task(tmp_path / folder, "reach-v3")
+        for key, how in change.items():
+            arrays[key] = arrays[key].astype(str) if how is str else how(arrays[key])
+        np.savez(tmp_path / folder / "reach-v3.npz", **arrays)
+    (tmp_path / "misplaced").mkdir()  # DMControl columns shifted out of their slots of the 204-column layout
+    arrays = write_fake_task(tmp_path / "misplaced", "cartpole-balance", obs_dim=204, act_dim=1)
+    np.savez(
+        tmp_path / "misplaced" / "cartpole-balance.npz",
+        **{**arrays, "observations": np.roll(arrays["observations"], 7, axis=1)},
+    )
+    return tmp_path
+
+
 @pytest.mark.parametrize(
     "script, argv, message",
     [
@@ -1931,33 +1965,13 @@ def test_finetune_bad_input_fails_cleanly(pipeline, tmp_path, argv, message, cap
         ("collect", ["--tasks", "reach", "--source", "magic"], "argument --source: invalid choice: 'magic'"),
     ],
 )
-def test_bad_flags_and_files_fail_with_one_line_before_any_work(tmp_path, monkeypatch, capsys, script, argv, message):
-    monkeypatch.chdir(tmp_path)  # the scripts' default paths (runs/, data/) point into the empty tmp_path
-    (tmp_path / "FILE").write_text("not a checkpoint, not a directory")
-    net = tiny_model()  # checkpoints from elsewhere: a bare state_dict, a fine-tuning run, a hand-edited config
-    pretrained = dict(model=net.state_dict(), model_args=asdict(net.cfg), tasks=[], step=0, args={})
-    torch.save(net.state_dict(), tmp_path / "BARE")
-    torch.save({**pretrained, "kind": "finetune", "pretrained": {}, "pool_args": None, "success": [], "stages": []},
-               tmp_path / "FINETUNED")  # fmt: skip
-    torch.save({**pretrained, "model_args": {**asdict(net.cfg), "n_embd": 64}}, tmp_path / "EDITED")
-    narrow = {"observations": lambda o: o[:, :20]}  # reach-v3's environment has 39
-    for folder, change in (("strings", {"rewards": str}), ("wide", {"actions": lambda a: 3 * a}), ("narrow", narrow)):
-        (tmp_path / folder).mkdir()
-        arrays = write_fake_task(tmp_path / folder, "reach-v3")
-        for key, how in change.items():
-            arrays[key] = arrays[key].astype(str) if how is str else how(arrays[key])
-        np.savez(tmp_path / folder / "reach-v3.npz", **arrays)
-    (tmp_path / "misplaced").mkdir()  # DMControl columns shifted out of their slots of the 204-column layout
-    arrays = write_fake_task(tmp_path / "misplaced", "cartpole-balance", obs_dim=204, act_dim=1)
-    np.savez(
-        tmp_path / "misplaced" / "cartpole-balance.npz",
-        **{**arrays, "observations": np.roll(arrays["observations"], 7, axis=1)},
-    )
-    before = listing(tmp_path)
+def test_bad_flags_and_files_fail_with_one_line_before_any_work(bad_inputs, monkeypatch, capsys, script, argv, message):
+    monkeypatch.chdir(bad_inputs)  # the scripts' default paths (runs/, data/) point into a folder without them
+    before = listing(bad_inputs)
     module = {"collect": collect, "pretrain": pretrain, "finetune": finetune, "evaluate": evaluate}[script]
-    line = refuses(module, [a.replace("TMP", str(tmp_path)) for a in argv], capsys)
-    assert message.replace("TMP", str(tmp_path)) in line
-    assert listing(tmp_path) == before  # nothing written, nothing changed
+    line = refuses(module, [a.replace("TMP", str(bad_inputs)) for a in argv], capsys)
+    assert message.replace("TMP", str(bad_inputs)) in line
+    assert listing(bad_inputs) == before  # nothing written, nothing changed
 
 
 @pytest.mark.slow
@@ -2019,7 +2033,7 @@ def test_all_four_stages_run_as_scripts(pipeline):
 class ScriptedSuccessEnv:
     """Succeeds only at steps 3 and 4 of an episode: success at some step but not at the last."""
 
-    horizon = 200
+    horizon = 10  # evaluate.horizon is patched to this (Meta-World's 200 would only cost time)
 
     def reset(self, seed=None):
         self.t = 0
@@ -2030,17 +2044,22 @@ class ScriptedSuccessEnv:
         return np.zeros(39, np.float32), 1.0, False, self.t == self.horizon, {"success": self.t in (3, 4)}
 
 
-def test_success_is_scored_at_the_last_step_and_at_any_step(monkeypatch):
-    monkeypatch.setattr(evaluate, "make_env", lambda name, seed=0: ScriptedSuccessEnv())
+@pytest.fixture
+def scripted_env(monkeypatch):
+    """evaluate.py acting in ScriptedSuccessEnv instead of Meta-World."""
+    env = ScriptedSuccessEnv()
+    monkeypatch.setattr(evaluate, "make_env", lambda name, seed=0: env)
+    monkeypatch.setattr(evaluate, "horizon", lambda name: env.horizon)
     monkeypatch.setattr(evaluate, "_ENVS", {})
+
+
+def test_success_is_scored_at_the_last_step_and_at_any_step(scripted_env):
     task = dict(name="reach-v3", act_dim=4, reward_scale=200.0, target_return=200.0)
     (result,) = evaluate.evaluate_tasks(tiny_model(), [task], 2, torch.device("cpu"))
-    assert result["success"] == 0.0 and result["success_any"] == 1.0 and result["mean_return"] == 200.0
+    assert result["success"] == 0.0 and result["success_any"] == 1.0 and result["mean_return"] == 10.0
 
 
-def test_evaluation_acts_in_the_precision_it_is_given(monkeypatch):
-    monkeypatch.setattr(evaluate, "make_env", lambda name, seed=0: ScriptedSuccessEnv())
-    monkeypatch.setattr(evaluate, "_ENVS", {})
+def test_evaluation_acts_in_the_precision_it_is_given(scripted_env):
     task = dict(name="reach-v3", act_dim=4, reward_scale=200.0, target_return=200.0)
     net, seen = tiny_model(), []
     net.action_head.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
@@ -2050,6 +2069,7 @@ def test_evaluation_acts_in_the_precision_it_is_given(monkeypatch):
         assert seen and set(seen) == {dtype}
 
 
+@pytest.mark.slow
 def test_envs_stepped_in_two_processes_give_the_same_episodes_as_in_one(monkeypatch):
     """EvalEnvs spreads the envs over processes (env n in process n % 2): the same real Meta-World episodes, the
     same actions, returns and successes as stepping them all here."""
