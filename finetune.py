@@ -38,7 +38,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -246,11 +246,35 @@ def default_run_dir(args, method=None, seed=None):
     return os.path.join(args.runs_root, f"{method}-{args.tasks.replace(',', '+')}-s{seed}")
 
 
-def launch(args):
-    """--methods/--seeds: one process per (method, seed), --jobs at a time, each with one torch thread (two 1-thread
-    runs were 1.4-1.5x the throughput of one 2-thread run on 2 cores), logging to <run-dir>/log.txt."""
-    methods = [m for m in (args.methods or args.method).split(",") if m]
-    seeds = [int(s) for s in (args.seeds or str(args.seed)).split(",") if s]
+def check_grid(args):
+    """--methods/--seeds -> (methods, seeds), each named once, after checking every run's settings, checkpoints and
+    data as its own process would: raises ValueError before any run starts (an unknown method, a seed that is not a
+    number, a --run-dir: one folder cannot hold several runs)."""
+    methods = list(dict.fromkeys(m.strip() for m in (args.methods or args.method).split(",") if m.strip()))
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(
+            f"--methods: unknown method {', '.join(map(repr, unknown))} (choose from {', '.join(METHODS)})"
+        )
+    try:
+        seeds = list(dict.fromkeys(int(s) for s in (args.seeds or str(args.seed)).split(",") if s.strip()))
+    except ValueError:
+        raise ValueError(f"--seeds {args.seeds!r}: expected comma-separated integers such as 0,1,2") from None
+    if args.run_dir:
+        raise ValueError(
+            "--run-dir names one run; with --methods/--seeds each run gets <runs-root>/<method>-<tasks>-s<seed>"
+        )
+    for method in methods:
+        for seed in seeds:
+            run = replace(args, method=method, seed=seed, methods="", seeds="")
+            pretrained, _ = check_inputs(run, default_run_dir(run))
+    load_sequence(args, pretrained["model_args"])
+    return methods, seeds
+
+
+def launch(args, methods, seeds):
+    """--methods/--seeds (checked by check_grid): one process per (method, seed), --jobs at a time, each with one
+    torch thread (runs side by side use the cores better than threads within one run), logging to <run-dir>/log.txt."""
     shared = command_line(args).split()[2:] + ["--device", args.device]  # the flags this command set, minus the grid's
     for name in ("--method", "--seed", "--run-dir"):
         while name in shared:
@@ -348,8 +372,8 @@ def attach_method(model, args, n_tasks, device):
     return pool_args, None
 
 
-def load_inputs(args, run_dir):
-    """Everything a run reads, checked before any training: -> (pre-trained ckpt, resumed ckpt or None, task data)."""
+def check_inputs(args, run_dir):
+    """A run's settings and checkpoints, checked before any training: -> (pre-trained ckpt, resumed ckpt or None)."""
     out = os.path.join(run_dir, "ckpt.pt")
     if args.method not in METHODS:
         raise ValueError(f"unknown --method {args.method!r}: use one of {', '.join(METHODS)}")
@@ -381,13 +405,20 @@ def load_inputs(args, run_dir):
             differs.append(f"--ckpt {args.ckpt} is not the pre-trained checkpoint the run started from (its content)")
         if differs:
             raise ValueError(f"cannot resume {out}: it was made with other settings: {'; '.join(differs)}")
-    margs, data = pretrained["model_args"], []
-    for name in names:  # every task's data up front: a missing or mismatched file fails before any training
+    return pretrained, resumed
+
+
+def load_sequence(args, model_args):
+    """Every task's data up front, so a missing or mismatched file fails before any training. -> [(task entry,
+    dataset, episode pools)] in sequence order."""
+    data = []
+    for name in resolve_tasks(args.tasks):
         tasks, dataset, pools, _ = load_data(
-            [name], args.data_dir, 0, margs["context_len"], margs["act_dim"], margs["n_bins"], args.seed + len(data)
-        )
+            [name], args.data_dir, 0, model_args["context_len"], model_args["act_dim"], model_args["n_bins"],
+            args.seed + len(data),
+        )  # fmt: skip
         data.append((tasks[0], dataset, pools))
-    return pretrained, resumed, data
+    return data
 
 
 def train_step(model, optimizer, sample, args, task_ids, anchor, importance, autocast):
@@ -551,7 +582,11 @@ def stop_run(signum, frame):
 
 def main(args):
     if args.methods or args.seeds:
-        return launch(args)
+        try:
+            methods, seeds = check_grid(args)
+        except (ValueError, FileNotFoundError) as e:
+            sys.exit(f"finetune.py: error: {e}")
+        return launch(args, methods, seeds)
     signal.signal(signal.SIGTERM, stop_run)
     if LAUNCHER_PID in os.environ:  # started by --methods/--seeds: end with the launcher, even after its kill -9
         launcher = int(os.environ.pop(LAUNCHER_PID))
@@ -567,7 +602,8 @@ def main(args):
     run_dir = args.run_dir or default_run_dir(args)
     out = os.path.join(run_dir, "ckpt.pt")
     try:
-        pretrained, resumed, data = load_inputs(args, run_dir)
+        pretrained, resumed = check_inputs(args, run_dir)
+        data = load_sequence(args, pretrained["model_args"])
         if not args.bench:
             lock_folder(run_dir, "--run-dir")  # one writer per run
     except (ValueError, FileNotFoundError) as e:

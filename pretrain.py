@@ -356,14 +356,18 @@ def lr_at(step, args):
     return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def snapshot_steps(spec):
-    """'6000,12000' -> {6000, 12000}; raises ValueError on anything but positive integers."""
+def snapshot_steps(spec, last_step):
+    """'6000,12000' -> {6000, 12000}; raises ValueError on anything but integers in [1, last_step]."""
     try:
         steps = {int(s) for s in spec.split(",") if s.strip()}
     except ValueError:
         raise ValueError(f"--snapshots {spec!r}: expected comma-separated step numbers such as 6000,12000") from None
     if any(s < 1 for s in steps):
         raise ValueError(f"--snapshots {spec!r}: steps must be at least 1")
+    if any(s > last_step for s in steps):
+        raise ValueError(
+            f"--snapshots {spec!r}: step {max(steps)} is past --steps {last_step}, so it would never be kept"
+        )
     return steps
 
 
@@ -469,7 +473,11 @@ def main(args):
             raise ValueError(f"--n-head {args.n_head} does not divide --n-embd {args.n_embd}")
         if args.min_lr > args.lr:
             raise ValueError(f"--min-lr {args.min_lr} > --lr {args.lr}: the schedule would raise lr as it decays")
-        snapshots = snapshot_steps(args.snapshots)
+        if args.schedule != "wsd" and args.decay_frac != Args.decay_frac:
+            raise ValueError(
+                f"--decay-frac {args.decay_frac} applies only to --schedule wsd (this run: {args.schedule})"
+            )
+        snapshots = snapshot_steps(args.snapshots, args.steps)
         check_output(args.out, "--out", is_dir=False)
         if os.path.exists(args.out) and not (args.resume or args.overwrite or args.bench):
             raise ValueError(
