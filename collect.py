@@ -117,8 +117,9 @@ METAWORLD_HORIZON = 200  # Continual World's episode length (META_WORLD_TIME_HOR
 DMC_HORIZON = 1000  # dmc2gym's episode_length in the authors' code
 
 
-def resolve_tasks(spec):
-    """'cw10,cartpole-swingup' -> list of task names; list names expand, duplicates are dropped, order kept."""
+def resolve_tasks(spec, repeats_allowed=True):
+    """'cw10,cartpole-swingup' -> list of task names; list names expand, duplicates are dropped, order kept.
+    repeats_allowed=False (a task sequence): a task named twice raises ValueError instead of being dropped."""
     names = []
     for item in (s.strip() for s in spec.split(",")):
         if not item:
@@ -136,6 +137,12 @@ def resolve_tasks(spec):
             )
     if not names:
         raise ValueError("no task given: pass --tasks with task names or list names")
+    repeated = [name for name in dict.fromkeys(names) if names.count(name) > 1]
+    if repeated and not repeats_allowed:
+        raise ValueError(
+            f"--tasks {spec!r} names {', '.join(repeated)} twice: a sequence learns each task once (its own pool "
+            "entries, its own column of the success matrix)"
+        )
     return list(dict.fromkeys(names))
 
 

@@ -377,7 +377,7 @@ def check_inputs(args, run_dir):
     out = os.path.join(run_dir, "ckpt.pt")
     if args.method not in METHODS:
         raise ValueError(f"unknown --method {args.method!r}: use one of {', '.join(METHODS)}")
-    names = resolve_tasks(args.tasks)
+    names = resolve_tasks(args.tasks, repeats_allowed=False)
     check_output(run_dir, "--run-dir", is_dir=True)
     use_bf16(args.precision, resolve_device(args.device))
     if args.prompt_top_k > args.prompt_pool_size:
@@ -412,7 +412,7 @@ def load_sequence(args, model_args):
     """Every task's data up front, so a missing or mismatched file fails before any training. -> [(task entry,
     dataset, episode pools)] in sequence order."""
     data = []
-    for name in resolve_tasks(args.tasks):
+    for name in resolve_tasks(args.tasks, repeats_allowed=False):
         tasks, dataset, pools, _ = load_data(
             [name], args.data_dir, 0, model_args["context_len"], model_args["act_dim"], model_args["n_bins"],
             args.seed + len(data),

@@ -1946,6 +1946,7 @@ def bad_inputs(tmp_path_factory):
         ("finetune", ["--method", "l2m-oracle", "--pool-size", "5"], "--pool-size 5 < 10 tasks"),
         ("finetune", ["--run-dir", "FILE"], "--run-dir 'FILE' is a file"),
         ("finetune", ["--methods", "l2m,bogus"], "--methods: unknown method 'bogus'"),
+        ("finetune", ["--tasks", "cw10,hammer"], "names hammer-v3 twice: a sequence learns each task once"),
         ("finetune", ["--methods", "l2m", "--seeds", "0,x"], "--seeds '0,x': expected comma-separated integers"),
         ("finetune", ["--methods", "l2m,ft", "--run-dir", "TMP/r"], "--run-dir names one run; with --methods"),
         ("finetune", ["--methods", "l2m,ft", "--ckpt", "TMP/nowhere.pt"], "no checkpoint at"),  # before any run
