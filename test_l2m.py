@@ -7,6 +7,7 @@ import glob
 import json
 import os
 import pickle
+import re
 import shutil
 import signal
 import subprocess
@@ -2210,9 +2211,43 @@ def test_methods_and_seeds_run_side_by_side_each_in_its_own_folder(pipeline, tmp
 def test_the_readme_results_tables_regenerate_from_the_result_files(folder, reference, n_runs, n_rows):
     runs = sorted(glob.glob(os.path.join(HERE, "results", folder, "*-s*")))  # every published run
     table = evaluate.compare_runs(runs, reference_dir=reference and os.path.join(HERE, "results", folder, reference))
-    readme = open(os.path.join(HERE, "README.md")).read()
+    pages = "".join(open(os.path.join(HERE, page)).read() for page in ("README.md", "docs/results.md"))
     rows = [line for line in table.splitlines() if line.startswith("| ")]
-    missing = [row for row in rows if row not in readme]
+    missing = [row for row in rows if row not in pages]
     assert len(runs) >= n_runs and len(rows) >= n_rows and not missing, (
-        f"README's tables differ from results/{folder}: {missing}"
+        f"the tables of README.md and docs/results.md differ from results/{folder}: {missing}"
     )
+
+
+def test_the_readme_headline_table_is_the_cw10_table_in_brief():
+    runs = sorted(glob.glob(os.path.join(HERE, "results", "cw10", "*-s*")))
+    table = evaluate.compare_runs(runs, reference_dir=os.path.join(HERE, "results", "cw10", "l2m-oracle-cw10-s0"))
+    header, _, *rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in table.splitlines() if
+                        line.startswith("|")]  # fmt: skip
+    columns = [header.index(name) for name in ("method", "runs", "success (last step)", "paper", "forgetting")]
+    readme = open(os.path.join(HERE, "README.md")).read()
+    headline = readme[readme.index("| method | seeds | success (last step) | paper | forgetting |") :]
+    headline = [line for line in headline.split("\n\n")[0].splitlines()[2:]]
+    assert headline == ["| " + " | ".join(row[i] for i in columns) + " |" for row in rows if len(row) == len(header)]
+
+
+def test_links_between_the_readme_and_docs_resolve():
+    """Every relative link of README.md and docs/*.md names a file that exists, and a heading of it if it has #."""
+
+    def anchors(path):  # GitHub's: lower case, punctuation dropped, spaces to hyphens
+        headings = re.findall(r"^#+ (.+)$", open(path).read(), flags=re.M)
+        return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+
+    broken = []
+    for page in ["README.md", *glob.glob(os.path.join("docs", "*.md"), root_dir=HERE)]:
+        text = re.sub(r"```.*?```", "", open(os.path.join(HERE, page)).read(), flags=re.S)
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if target.startswith(("http://", "https://")):
+                continue
+            file, _, anchor = target.partition("#")
+            path = (
+                os.path.normpath(os.path.join(HERE, os.path.dirname(page), file)) if file else os.path.join(HERE, page)
+            )
+            if not os.path.exists(path) or (anchor and anchor not in anchors(path)):
+                broken.append(f"{page}: {target}")
+    assert not broken, broken
