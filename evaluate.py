@@ -44,7 +44,6 @@ from collect import (
 from model import PRECISIONS, ActionTokenizer, DecisionTransformer, keep_freed_memory, resolve_device, use_bf16
 
 EVAL_SEED = 10_000  # episode i of every task starts from reset(seed=EVAL_SEED + i): disjoint from collection seeds
-TASK_ID = ("l2m-oracle", "packnet")  # methods told the task id at evaluation
 
 
 @dataclass
@@ -114,6 +113,16 @@ def build_model(ckpt, device, base=None):
     return DecisionTransformer.from_checkpoint(ckpt).to(device)
 
 
+def told_task_id(ckpt):
+    """Whether a fine-tuning run's method is told the task id at evaluation (finetune.METHODS, stored in the
+    checkpoint; a checkpoint from before that: PackNet's weight owners, or a pool of per-task groups without
+    task inference, i.e. l2m-oracle)."""
+    if "told_task_id" in ckpt:
+        return ckpt["told_task_id"]
+    pool = ckpt.get("pool_args") or {}
+    return ckpt.get("owners") is not None or (pool.get("n_groups", 0) > 0 and not pool.get("task_stats"))
+
+
 def known_tasks(ckpt, base=None):
     """Task name -> task entry for every task a checkpoint can be evaluated on (a fine-tuning run: the sequence
     and its pre-training tasks, from its backbone `base`), and name -> oracle task id (the index in the sequence)
@@ -122,8 +131,7 @@ def known_tasks(ckpt, base=None):
         return {t["name"]: t for t in ckpt["tasks"]}, {}
     base = base or load_backbone(ckpt, ckpt["pretrained"]["path"])
     tasks = {**{t["name"]: t for t in base["tasks"]}, **{t["name"]: t for t in ckpt["tasks"]}}
-    told_task_id = ckpt["method"] in TASK_ID
-    oracle = {t["name"]: i for i, t in enumerate(ckpt["tasks"])} if told_task_id else {}
+    oracle = {t["name"]: i for i, t in enumerate(ckpt["tasks"])} if told_task_id(ckpt) else {}
     return tasks, oracle
 
 
@@ -498,7 +506,7 @@ def sequence_report(ckpt):
             "",
             routing_table(final),
         ]
-    if ckpt["pool_args"] is not None and ckpt["pool_args"]["pool_size"] > 1 and ckpt["method"] not in TASK_ID:
+    if ckpt["pool_args"] is not None and ckpt["pool_args"]["pool_size"] > 1 and not told_task_id(ckpt):
         inferred = "inferred" in final[0]
         text += [
             "",

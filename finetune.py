@@ -58,39 +58,54 @@ from collect import (
 )
 from evaluate import (
     RETENTION_SUBSETS,
-    TASK_ID,
     build_model,
     env_workers,
     evaluate_tasks,
     routing_accuracy,
     write_sequence_report,
 )
-from model import PRECISIONS, action_loss, keep_freed_memory, make_pool, resolve_device, use_bf16
+from model import PRECISIONS, PROMPT_KINDS, action_loss, keep_freed_memory, make_pool, resolve_device, use_bf16
 from pretrain import load_data, matmul_gflop, synchronize
 
 CURVE_EVERY = 50  # training steps averaged into one point of training_curves.png
 LOG_EVERY = 500  # steps between the plain log lines written when stderr is not a terminal
 LAUNCHER_PID = "L2M_LAUNCHER_PID"  # set by --methods/--seeds in each run's environment: the process it ends with
-L2P = {"l2p-pt": "pt", "l2p-pv2": "pv2", "l2p-pret": "pret"}  # method -> where its prompts go
-METHODS = (
-    "ft",
-    "l2",
-    "ewc",
-    "er",
-    "multitask",
-    "packnet",
-    "lora",
-    "ia3",
-    "adapter",
-    "l2m",
-    "l2m-ia3",
-    "l2m-oracle",
-    "l2m-stats",
-    *L2P,
-)
-FROZEN_BACKBONE = ("lora", "ia3", "adapter", "l2m", "l2m-ia3", "l2m-oracle", "l2m-stats", *L2P)
-KEY_MATCHED = ("l2m", "l2m-ia3", "l2m-oracle", "l2m-stats", *L2P)  # entries chosen by their keys, with the key pull
-GROUPED = ("l2m-oracle", "l2m-stats")  # the pool split into one group per task, trained with the task's index
+
+
+@dataclass(frozen=True)
+class Method:
+    """What a continual-learning method is, as the loop, the checkpoint and evaluate.py read it: one row of METHODS.
+    Adding a method means adding a row (and, if it trains something new, its objective in train_step)."""
+
+    frozen: bool = False  # the pre-trained weights stay fixed: only `modules` train
+    modules: str = ""  # what is attached: a pool kind of model.py (lora, ia3; L2P's pt, pv2, pret) or "adapter"
+    key_matched: bool = False  # L2M: entries chosen per sample by matching their keys to the query; keys pulled
+    grouped: bool = False  # the pool split into one group per task; training is told the task's index
+    told_task_id: bool = False  # evaluation is told the task id (an upper bound, not continual learning proper)
+    infers_task: bool = False  # the task id inferred at evaluation from per-task query statistics (l2m-stats)
+    penalty: str = ""  # "l2" / "ewc": after each task, later tasks are pulled toward its weights (EWC: Fisher-weighted)
+    batches: str = "task"  # a step's data: the task's; "replay": plus earlier tasks' kept episodes; "all": every task
+    prunes: bool = False  # PackNet: after a task, keep its largest free weights, retrain them, freeze them
+
+
+METHODS = {  # the paper's baselines, L2M and its variants; see docs/stages.md for each one's sources
+    "ft":         Method(),
+    "l2":         Method(penalty="l2"),
+    "ewc":        Method(penalty="ewc"),
+    "er":         Method(batches="replay"),
+    "multitask":  Method(batches="all"),
+    "packnet":    Method(prunes=True, told_task_id=True),
+    "lora":       Method(frozen=True, modules="lora"),
+    "ia3":        Method(frozen=True, modules="ia3"),
+    "adapter":    Method(frozen=True, modules="adapter"),
+    "l2m":        Method(frozen=True, modules="lora", key_matched=True),
+    "l2m-ia3":    Method(frozen=True, modules="ia3", key_matched=True),
+    "l2m-oracle": Method(frozen=True, modules="lora", key_matched=True, grouped=True, told_task_id=True),
+    "l2m-stats":  Method(frozen=True, modules="lora", key_matched=True, grouped=True, infers_task=True),
+    "l2p-pt":     Method(frozen=True, modules="pt", key_matched=True),
+    "l2p-pv2":    Method(frozen=True, modules="pv2", key_matched=True),
+    "l2p-pret":   Method(frozen=True, modules="pret", key_matched=True),
+}  # fmt: skip
 STATS_WINDOWS = 4096  # l2m-stats: training windows whose queries fit a task's statistics (our choice)
 
 
@@ -184,7 +199,7 @@ GROUPS = {
     "method settings": "pool_size",
     "run control": "run_dir",
 }
-CHOICES = {"method": METHODS, "precision": PRECISIONS, "preset": ("cpu", "paper")}
+CHOICES = {"method": tuple(METHODS), "precision": PRECISIONS, "preset": ("cpu", "paper")}
 PRESETS = {  # the authors' fine-tuning (cdt_mpdt_disc.yaml, run_params/finetune_coff.yaml; eval: 5 episodes per task)
     "paper": dict(steps_per_task=100_000, batch_size=256, lr=1e-4, eval_episodes=5),
 }
@@ -344,29 +359,30 @@ def launch(args, methods, seeds):
 def attach_method(model, args, n_tasks, device):
     """Freeze the backbone and attach what the modulation methods train. -> (pool settings, adapter settings),
     each None where the method has none."""
-    if args.method == "packnet":  # every weight matrix and embedding table is shared out; -1: owned by no task yet
+    method = METHODS[args.method]
+    if method.prunes:  # every weight matrix and embedding table is shared out; -1: owned by no task yet
         model.owners = {n: torch.full_like(p, -1, dtype=torch.int8) for n, p in model.named_parameters() if p.dim() > 1}
-    if args.method not in FROZEN_BACKBONE:
+    if not method.frozen:
         return None, None
     for p in model.parameters():  # every pre-trained weight frozen, the action head included (the authors' freeze)
         p.requires_grad_(False)
-    if args.method == "adapter":
+    if method.modules == "adapter":
         adapter_args = dict(reduction=args.adapter_reduction)
         model.attach_adapters(**adapter_args)
         return None, adapter_args
-    if args.method in L2P:
+    if method.modules in PROMPT_KINDS:
         pool_args = dict(
-            pool_size=args.prompt_pool_size, length=args.prompt_length, top_k=args.prompt_top_k, kind=L2P[args.method]
+            pool_size=args.prompt_pool_size, length=args.prompt_length, top_k=args.prompt_top_k, kind=method.modules
         )
         model.pool = make_pool(model.cfg.n_layer, model.cfg.n_embd, **pool_args).to(device)
         return pool_args, None
     pool_args = dict(
-        pool_size=args.pool_size if args.method in KEY_MATCHED else 1,
+        pool_size=args.pool_size if method.key_matched else 1,
         rank=args.rank,
         alpha=args.alpha,
-        n_groups=n_tasks if args.method in GROUPED else 0,
-        kind="ia3" if args.method in ("ia3", "l2m-ia3") else "lora",
-        **(dict(task_stats=True) if args.method == "l2m-stats" else {}),
+        n_groups=n_tasks if method.grouped else 0,
+        kind=method.modules,
+        **(dict(task_stats=True) if method.infers_task else {}),
     )
     model.pool = make_pool(model.cfg.n_layer, model.cfg.n_embd, **pool_args).to(device)
     return pool_args, None
@@ -382,7 +398,7 @@ def check_inputs(args, run_dir):
     use_bf16(args.precision, resolve_device(args.device))
     if args.prompt_top_k > args.prompt_pool_size:
         raise ValueError(f"--prompt-top-k {args.prompt_top_k} > --prompt-pool-size {args.prompt_pool_size}")
-    if args.method in GROUPED and args.pool_size < len(names):
+    if METHODS[args.method].grouped and args.pool_size < len(names):
         raise ValueError(
             f"{args.method} splits the pool into one group per task: --pool-size {args.pool_size} < {len(names)} tasks"
         )
@@ -429,7 +445,7 @@ def train_step(model, optimizer, sample, args, task_ids, anchor, importance, aut
         logits, routing = model(**inputs, task_ids=task_ids)
     loss, accuracy = action_loss(logits, inputs["action_bins"], valid)
     objective = loss
-    if args.method in KEY_MATCHED:
+    if METHODS[args.method].key_matched:
         objective = objective - args.pull_coef * routing["pull"]  # L2M: pull chosen keys toward queries
     if anchor is not None:
         objective = objective + args.reg_lambda * quadratic_penalty(model, anchor, importance)
@@ -456,10 +472,11 @@ def batch_source(data, task_index, args, device):
     from args.replay_episodes kept episodes of each earlier task, equally; the others: the task's own data."""
     _, dataset, pools = data[task_index]
     rng = np.random.default_rng([args.seed, task_index])  # the task's own draws, so a resumed run draws the same
-    if args.method == "multitask":
+    batches = METHODS[args.method].batches
+    if batches == "all":
         weights = np.full(len(data), 1.0 / len(data))
         return functools.partial(sample_tasks, data, weights, args.batch_size, rng, device)
-    if args.method != "er" or task_index == 0:
+    if batches == "task" or task_index == 0:
         return functools.partial(dataset.sample, args.batch_size, pools, device)
     kept = []  # ER's buffer: the same few episodes of each earlier task, whichever task is being learned
     for j, (task, earlier, earlier_pools) in enumerate(data[:task_index]):
@@ -550,7 +567,7 @@ def train_task(step_fn, steps, name, pool_size):
 def consolidate(model, args, dataset, pools, device, autocast, importance):
     """L2/EWC after a task: the anchor the next tasks are pulled toward (the weights now) and, for EWC, the Fisher
     summed over the tasks so far. -> (anchor, importance)."""
-    if args.method == "ewc":
+    if METHODS[args.method].penalty == "ewc":
         fisher = fisher_diagonal(model, dataset, pools, args, device, autocast)
         importance = fisher if importance is None else {n: importance[n] + fisher[n] for n in fisher}
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}, importance
@@ -623,7 +640,8 @@ def main(args):
     except ValueError as e:
         sys.exit(f"finetune.py: error: {args.ckpt}: {e}")
     pool_args, adapter_args = attach_method(model, args, n_tasks, device)
-    frozen = args.method in FROZEN_BACKBONE  # a checkpoint then holds only what was trained
+    method = METHODS[args.method]
+    frozen = method.frozen  # a checkpoint then holds only what was trained
     frozen_eval = frozen and not args.frozen_dropout
     set_training(model, frozen_eval)
     anchor = importance = None  # l2/ewc: weights after the previous task, and their (summed) Fisher
@@ -647,8 +665,7 @@ def main(args):
     )
     bf16 = use_bf16(args.precision, device)  # training under bf16 autocast, and acting in the evaluations
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
-    grouped = args.method in GROUPED  # the pool is told the task index in training (the oracle also in evaluation)
-    task_id_eval = args.method in TASK_ID
+    grouped = method.grouped  # the pool is told the task index in training (the oracle also in evaluation)
     start_all = time.perf_counter()
 
     # --- the sequence: train on each task, then evaluate every task and save -------------------------------
@@ -664,11 +681,11 @@ def main(args):
         sample = batch_source(data, task_index, args, device)
         step_fn = functools.partial(train_step, model, optimizer, sample, args, task_ids, anchor, importance, autocast)
         if args.bench:
-            return bench(model, sequence, step_fn, args, device, task_id_eval, bf16)
+            return bench(model, sequence, step_fn, args, device, method.told_task_id, bf16)
         name = f"task {task_index + 1}/{n_tasks} {task['name']}"
-        if args.method == "multitask":
+        if method.batches == "all":
             name = f"stage {task_index + 1}/{n_tasks}, all tasks"
-        if args.method == "packnet":  # train the free weights, keep the largest, retrain those: one task's steps
+        if method.prunes:  # train the free weights, keep the largest, retrain those: one task's steps
             retrain_steps = round(args.packnet_retrain * args.steps_per_task)
             losses, train_seconds = [], 0.0
             for retraining, steps in ((False, args.steps_per_task - retrain_steps), (True, retrain_steps)):
@@ -679,14 +696,14 @@ def main(args):
                     packnet_prune(model, task_index, n_tasks)
         else:
             losses, train_seconds = train_task(step_fn, args.steps_per_task, name, model.pool.size if model.pool else 0)
-        if args.method in ("l2", "ewc"):  # the next tasks are pulled toward the weights after this one
+        if method.penalty:  # the next tasks are pulled toward the weights after this one
             anchor, importance = consolidate(model, args, dataset, pools, device, autocast, importance)
 
         model.eval()
         if model.pool is not None and model.pool.tasks is not None:  # l2m-stats: the statistics task inference uses
             fit_task_statistics(model, task_index, dataset, pools, args, device)
         start = time.perf_counter()
-        ids = list(range(n_tasks)) if task_id_eval else None
+        ids = list(range(n_tasks)) if method.told_task_id else None
         results = evaluate_tasks(
             model, sequence, args.eval_episodes, device, ids, bf16=bf16, env_processes=torch.get_num_threads()
         )
@@ -714,7 +731,8 @@ def main(args):
             print(f"  task inferred right (share of steps): [{right}]")
         state = model.state_dict()
         save_atomic(dict(
-            kind="finetune", method=args.method, args=asdict(args), command=command_line(args), tasks=sequence,
+            kind="finetune", method=args.method, told_task_id=method.told_task_id, args=asdict(args),
+            command=command_line(args), tasks=sequence,
             setting={k: v for k, v in asdict(args).items() if k not in RUN_CONTROL | {"seed"}},  # seeds share one
             model_args=pretrained["model_args"], pool_args=pool_args, adapter_args=adapter_args,
             trainable_params=trainable,
@@ -730,7 +748,7 @@ def main(args):
     print(f"{time.perf_counter() - start_all:.0f} s in all | wrote {out} and {run_dir}/results.json, results.md, *.png")
 
 
-def bench(model, sequence, step_fn, args, device, task_id_eval, bf16):
+def bench(model, sequence, step_fn, args, device, told_task_id, bf16):
     """--bench N: ms/step and tokens/s of N training steps (after 3 warm-up steps; one more step's matmul FLOPs
     counted), then one evaluation of the sequence with its model/simulator split. Writes nothing."""
     tokens_per_step = args.batch_size * model.cfg.context_len * model.cfg.tokens_per_step
@@ -750,7 +768,7 @@ def bench(model, sequence, step_fn, args, device, task_id_eval, bf16):
     )
     model.eval()
     timings, start = [], time.perf_counter()
-    ids = list(range(len(sequence))) if task_id_eval else None
+    ids = list(range(len(sequence))) if told_task_id else None
     results = evaluate_tasks(model, sequence, args.eval_episodes, device, ids, timings, bf16, torch.get_num_threads())
     total = time.perf_counter() - start
     steps = sum(r["env_steps"] for r in results)

@@ -2231,6 +2231,16 @@ def test_the_readme_headline_table_is_the_cw10_table_in_brief():
     assert headline == ["| " + " | ".join(row[i] for i in columns) + " |" for row in rows if len(row) == len(header)]
 
 
+@pytest.mark.parametrize("method", finetune.METHODS)
+def test_a_checkpoint_from_before_the_methods_table_is_evaluated_as_its_method_says(method):
+    """evaluate.py reads told_task_id from the checkpoint; older checkpoints lack it and must get the same answer."""
+    net = tiny_model()
+    args = finetune.Args(method=method, pool_size=4, prompt_pool_size=4, prompt_top_k=2)
+    pool_args, _ = finetune.attach_method(net, args, n_tasks=2, device=torch.device("cpu"))
+    old_checkpoint = dict(kind="finetune", method=method, pool_args=pool_args, owners=net.owners)
+    assert evaluate.told_task_id(old_checkpoint) == finetune.METHODS[method].told_task_id
+
+
 def test_links_between_the_readme_and_docs_resolve():
     """Every relative link of README.md and docs/*.md names a file that exists, and a heading of it if it has #."""
 
