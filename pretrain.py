@@ -11,6 +11,7 @@ Examples:
   torchrun --nproc_per_node 2 pretrain.py ...         # data-parallel (NCCL on GPUs, gloo on CPU)
 """
 
+import functools
 import glob
 import json
 import math
@@ -447,188 +448,224 @@ def matmul_gflop(step_fn):
     return counter.get_total_flops() / 1e9
 
 
-def main(args):
-    # --- setup: distributed (torchrun) or a single process, same code path -----------------------------------
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    rank = int(os.environ.get("RANK", 0))
-    try:
-        device = resolve_device(args.device)
-    except ValueError as e:
-        sys.exit(f"pretrain.py: error: {e}")
+def start_processes(args):
+    """One process, or one of torchrun's (the same code path). -> (device, world_size, rank)."""
+    world_size, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    device = resolve_device(args.device)
     keep_freed_memory()
     if world_size > 1:
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    is_main = rank == 0
+    return device, world_size, rank
 
-    def fail(message):
-        if is_main:
-            print(f"pretrain.py: error: {message}", file=sys.stderr)
-        sys.exit(1)
 
+def check_run(args, device, world_size, is_main):
+    """The settings, and the checkpoint a run resumes or branches from, checked before any work: raises ValueError.
+    -> (task names, action dims, bf16 or not, snapshot steps, that checkpoint or None, "new" / "resuming" /
+    "branching from ...")."""
+    if args.n_embd % args.n_head:  # each field's own range is checked by parse_args
+        raise ValueError(f"--n-head {args.n_head} does not divide --n-embd {args.n_embd}")
+    if args.min_lr > args.lr:
+        raise ValueError(f"--min-lr {args.min_lr} > --lr {args.lr}: the schedule would raise lr as it decays")
+    if args.schedule != "wsd" and args.decay_frac != Args.decay_frac:
+        raise ValueError(f"--decay-frac {args.decay_frac} applies only to --schedule wsd (this run: {args.schedule})")
+    snapshots = snapshot_steps(args.snapshots, args.steps)
+    check_output(args.out, "--out", is_dir=False)
+    if os.path.exists(args.out) and not (args.resume or args.overwrite or args.bench):
+        raise ValueError(
+            f"{args.out} exists: --resume continues that run, --overwrite replaces it, --out puts this one elsewhere"
+        )
+    names = resolve_tasks(args.tasks)
+    act_dim = args.act_dim or max(6 if n in DMC16 else 4 for n in names)
+    bf16 = use_bf16(args.precision, device)
+    ckpt, origin = None, "new"
+    if args.resume and not os.path.exists(args.out) and is_main:
+        print(f"no checkpoint at {args.out} yet: starting a new run")
+    if args.resume and os.path.exists(args.out):
+        ckpt, origin = load_checkpoint(args.out, kinds=("pretrain",)), "resuming"
+        differs = differing_settings(ckpt, args, "checkpoint")
+        if ckpt.get("world_size", 1) != world_size:
+            differs.append(f"{ckpt.get('world_size', 1)} processes (checkpoint) vs {world_size} (now)")
+        if differs:
+            raise ValueError(f"cannot resume {args.out}: it was made with other settings: {'; '.join(differs)}")
+    elif args.branch_from:
+        ckpt, origin = load_checkpoint(args.branch_from, kinds=("pretrain",)), f"branching from {args.branch_from}"
+        check_branch(ckpt, args)
+        if ckpt.get("world_size", 1) != world_size:
+            raise ValueError(f"{args.branch_from} was made by {ckpt.get('world_size', 1)} processes, not {world_size}")
+    return names, act_dim, bf16, snapshots, ckpt, origin
+
+
+def build_model(args, act_dim, ckpt, dataset, device, rank):
+    """The model and its optimizer: new (the same initial weights on every rank), or where `ckpt` left them,
+    sampling and dropout streams included. -> (model, optimizer, step)."""
+    cfg = DTConfig(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout,
+                   context_len=args.context_len, act_dim=act_dim)  # fmt: skip
+    torch.manual_seed(args.seed)
+    model = DecisionTransformer(cfg).to(device)
+    optimizer = model.configure_optimizer(args.lr, args.weight_decay)
+    if ckpt is None:
+        torch.manual_seed(args.seed + rank)  # dropout streams differ per rank
+        return model, optimizer, 0
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    dataset.rng.bit_generator.state = ckpt["rng"]["numpy"][rank]
+    torch.set_rng_state(ckpt["rng"]["torch"][rank])
+    if device.type == "cuda" and ckpt["rng"].get("cuda", [None] * (rank + 1))[rank] is not None:
+        torch.cuda.set_rng_state(ckpt["rng"]["cuda"][rank], device)  # dropout on the GPU draws from this one
+    return model, optimizer, ckpt["step"]
+
+
+def train_step(model, train_model, optimizer, dataset, pools, args, device, autocast, lr):
+    """One AdamW step on the action loss of a fresh batch at learning rate lr. -> (loss, accuracy) tensors."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    inputs, valid, _ = dataset.sample(args.batch_size, pools, device)
+    with autocast:
+        logits, _ = train_model(**inputs)
+    loss, accuracy = action_loss(logits, inputs["action_bins"], valid)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if args.grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+    optimizer.step()
+    return loss, accuracy
+
+
+def bench(step_fn, args, device, tokens_per_step, world_size, bf16, is_main):
+    """--bench: time args.bench steps after 3 warm-up steps, and count one step's matmul FLOP; writes nothing."""
+    for _ in range(3):
+        step_fn(args.lr)
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(args.bench):
+        step_fn(args.lr)
+    synchronize(device)
+    seconds = (time.perf_counter() - start) / args.bench
+    gflop = matmul_gflop(lambda: step_fn(args.lr))  # one more step, counted
+    if is_main:
+        print(
+            f"bench: {seconds * 1e3:.1f} ms/step, {tokens_per_step / seconds:,.0f} tokens/s, "
+            f"{gflop:.2f} GFLOP of matmuls per step ({gflop / seconds:.0f} GFLOP/s) | "
+            f"batch {args.batch_size} x {world_size} process(es), {torch.get_num_threads()} threads, "
+            f"{'bf16' if bf16 else 'fp32'} (nothing written)"
+        )
+    if world_size > 1:
+        dist.destroy_process_group()
+
+
+def start_log(args, origin, step, metrics_path):
+    """A new run (or branch) starts a new metrics log (--overwrite: nothing of the old run stays); a resumed one
+    drops what it logged after its last save, since it redoes those steps."""
+    folder = os.path.dirname(args.out) or "."
+    os.makedirs(folder, exist_ok=True)
+    if origin != "resuming":
+        earlier = [metrics_path]
+        if args.overwrite:
+            earlier += [args.out, os.path.join(folder, "curves.png")]
+            earlier += glob.glob(os.path.join(glob.escape(folder), "ckpt-step*.pt"))  # its --snapshots
+        for path in filter(os.path.exists, earlier):
+            os.remove(path)
+    elif os.path.exists(metrics_path):
+        with open(metrics_path) as f:
+            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        write_text(metrics_path, "".join(kept))
+
+
+def save_checkpoint(model, optimizer, dataset, tasks, args, step, snapshots, device, world_size, is_main):
+    """Weights, config, arguments, task table, optimizer and every rank's RNG state (gathered on rank 0), written
+    atomically to --out, and kept as a snapshot at the --snapshots steps."""
+    rng = dict(
+        numpy=[dataset.rng.bit_generator.state],
+        torch=[torch.get_rng_state()],
+        cuda=[torch.cuda.get_rng_state(device) if device.type == "cuda" else None],
+    )
+    if world_size > 1:
+        gathered = [None] * world_size
+        dist.all_gather_object(gathered, rng)
+        rng = {key: [g[key][0] for g in gathered] for key in rng}
+    if is_main:
+        state = dict(model=model.state_dict(), model_args=asdict(model.cfg), args=asdict(args), tasks=tasks,
+                     optimizer=optimizer.state_dict(), rng=rng, step=step, world_size=world_size)  # fmt: skip
+        save_atomic(state, args.out)
+        if step in snapshots:
+            save_atomic(state, snapshot_path(args.out, step))
+
+
+def log_heldout(model, dataset, heldout, device, autocast, step, metrics_path):
+    """Held-out loss and accuracy per task, appended to metrics.jsonl and summed up in one line. -> the metrics."""
+    metrics = heldout_metrics(model, dataset, heldout, device, autocast)
+    with open(metrics_path, "a") as f:
+        f.write(json.dumps(dict(step=step, heldout=metrics)) + "\n")  # per task: [loss, accuracy]
+    mean_loss, mean_acc = np.mean([m[0] for m in metrics.values()]), np.mean([m[1] for m in metrics.values()])
+    domains = domain_means(metrics)
+    split = "".join(f" | {d} {lo:.3f} / {ac:.3f}" for d, (lo, ac) in domains.items()) if len(domains) > 1 else ""
+    worst = sorted(metrics.items(), key=lambda kv: kv[1][1])[:3]
+    tqdm.write(
+        f"step {step} | held-out loss {mean_loss:.3f} acc {mean_acc:.3f}{split} | lowest acc: "
+        + ", ".join(f"{n} {a:.2f}" for n, (_, a) in worst)
+    )
+    return metrics
+
+
+def report(metrics, timed_steps, seconds, tokens_per_step, metrics_path, args):
+    """The end of a run: held-out numbers per task and per domain, throughput, and curves.png."""
+    if metrics:
+        print("\nheld-out action loss / accuracy per task:")
+        for name, (loss_value, acc) in metrics.items():
+            print(f"  {name:<28} {loss_value:.3f} / {acc:.3f}")
+        losses, accuracies = zip(*metrics.values())
+        print(f"mean {np.mean(losses):.3f} / {np.mean(accuracies):.3f}")
+        if len(domain_means(metrics)) > 1:
+            for domain, (loss_value, acc) in domain_means(metrics).items():
+                print(f"mean {domain:<23} {loss_value:.3f} / {acc:.3f}")
+    if timed_steps:
+        print(
+            f"{timed_steps} steps in {seconds:.0f} s: {seconds / timed_steps * 1e3:.0f} ms/step, "
+            f"{tokens_per_step * timed_steps / seconds:,.0f} tokens/s"
+        )
+    if os.path.exists(metrics_path):
+        plot_pretraining(metrics_path, os.path.join(os.path.dirname(args.out) or ".", "curves.png"))
+    print(f"wrote {args.out}" + (f" and {os.path.dirname(args.out) or '.'}/curves.png" if metrics else ""))
+
+
+def main(args):
+    # --- setup: check everything, load the data, build or restore the model ---------------------------------
     try:
-        if args.n_embd % args.n_head:  # each field's own range is checked by parse_args
-            raise ValueError(f"--n-head {args.n_head} does not divide --n-embd {args.n_embd}")
-        if args.min_lr > args.lr:
-            raise ValueError(f"--min-lr {args.min_lr} > --lr {args.lr}: the schedule would raise lr as it decays")
-        if args.schedule != "wsd" and args.decay_frac != Args.decay_frac:
-            raise ValueError(
-                f"--decay-frac {args.decay_frac} applies only to --schedule wsd (this run: {args.schedule})"
-            )
-        snapshots = snapshot_steps(args.snapshots, args.steps)
-        check_output(args.out, "--out", is_dir=False)
-        if os.path.exists(args.out) and not (args.resume or args.overwrite or args.bench):
-            raise ValueError(
-                f"{args.out} exists: --resume continues that run, --overwrite replaces it, "
-                "--out puts this one elsewhere"
-            )
-        names = resolve_tasks(args.tasks)
-        bf16 = use_bf16(args.precision, device)
-        act_dim = args.act_dim or max(6 if n in DMC16 else 4 for n in names)
-        ckpt, origin = None, "new"
-        if args.resume and not os.path.exists(args.out) and is_main:
-            print(f"no checkpoint at {args.out} yet: starting a new run")
-        if args.resume and os.path.exists(args.out):
-            ckpt, origin = load_checkpoint(args.out, kinds=("pretrain",)), "resuming"
-            differs = differing_settings(ckpt, args, "checkpoint")
-            if ckpt.get("world_size", 1) != world_size:
-                differs.append(f"{ckpt.get('world_size', 1)} processes (checkpoint) vs {world_size} (now)")
-            if differs:
-                raise ValueError(f"cannot resume {args.out}: it was made with other settings: {'; '.join(differs)}")
-        elif args.branch_from:
-            ckpt, origin = load_checkpoint(args.branch_from, kinds=("pretrain",)), f"branching from {args.branch_from}"
-            check_branch(ckpt, args)
-            if ckpt.get("world_size", 1) != world_size:
-                raise ValueError(
-                    f"{args.branch_from} was made by {ckpt.get('world_size', 1)} processes, not {world_size}"
-                )
+        device, world_size, rank = start_processes(args)
+        is_main = rank == 0
+        names, act_dim, bf16, snapshots, ckpt, origin = check_run(args, device, world_size, is_main)
         tasks, dataset, pools, heldout = load_data(
             names, args.data_dir, args.holdout_episodes, args.context_len, act_dim, DTConfig.n_bins, args.seed + rank
         )
         if is_main and not args.bench:  # one writer per folder: its checkpoint and metrics.jsonl are this run's
             lock_folder(os.path.dirname(args.out) or ".", "--out's folder")
     except (ValueError, FileNotFoundError) as e:
-        fail(e)
-
-    cfg = DTConfig(
-        n_layer=args.n_layer,
-        n_head=args.n_head,
-        n_embd=args.n_embd,
-        dropout=args.dropout,
-        context_len=args.context_len,
-        act_dim=act_dim,
-    )
-    torch.manual_seed(args.seed)  # same initial weights on every rank
-    model = DecisionTransformer(cfg).to(device)
-    optimizer = model.configure_optimizer(args.lr, args.weight_decay)
-    step = 0
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        step = ckpt["step"]
-        dataset.rng.bit_generator.state = ckpt["rng"]["numpy"][rank]
-        torch.set_rng_state(ckpt["rng"]["torch"][rank])
-        if device.type == "cuda" and ckpt["rng"].get("cuda", [None] * world_size)[rank] is not None:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"][rank], device)  # dropout on the GPU draws from this one
-    else:
-        torch.manual_seed(args.seed + rank)  # dropout streams differ per rank
+        sys.exit(f"pretrain.py: error: {e}" if int(os.environ.get("RANK", 0)) == 0 else 1)
+    model, optimizer, step = build_model(args, act_dim, ckpt, dataset, device, rank)
     train_model = torch.nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
-
-    n_params = sum(p.numel() for p in model.parameters())
+    step_fn = functools.partial(train_step, model, train_model, optimizer, dataset, pools, args, device, autocast)
+    tokens_per_step = args.batch_size * world_size * model.cfg.tokens_per_step * model.cfg.context_len
     metrics_path = os.path.join(os.path.dirname(args.out) or ".", "metrics.jsonl")
-    tokens_per_step = args.batch_size * world_size * cfg.tokens_per_step * cfg.context_len
-
-    def train_step(lr):
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        inputs, valid, _ = dataset.sample(args.batch_size, pools, device)
-        with autocast:
-            logits, _ = train_model(**inputs)
-        loss, accuracy = action_loss(logits, inputs["action_bins"], valid)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if args.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        optimizer.step()
-        return loss, accuracy
-
     if args.bench:
-        for _ in range(3):
-            train_step(args.lr)
-        synchronize(device)
-        start = time.perf_counter()
-        for _ in range(args.bench):
-            train_step(args.lr)
-        synchronize(device)
-        seconds = (time.perf_counter() - start) / args.bench
-        gflop = matmul_gflop(lambda: train_step(args.lr))  # one more step, counted
-        if is_main:
-            print(
-                f"bench: {seconds * 1e3:.1f} ms/step, {tokens_per_step / seconds:,.0f} tokens/s, "
-                f"{gflop:.2f} GFLOP of matmuls per step ({gflop / seconds:.0f} GFLOP/s) | "
-                f"batch {args.batch_size} x {world_size} process(es), {torch.get_num_threads()} threads, "
-                f"{'bf16' if bf16 else 'fp32'} (nothing written)"
-            )
-        if world_size > 1:
-            dist.destroy_process_group()
-        return
+        return bench(step_fn, args, device, tokens_per_step, world_size, bf16, is_main)
     if is_main:
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        if origin != "resuming":  # a new run (or branch) starts a new log; --overwrite: nothing of the old run stays
-            folder = os.path.dirname(args.out) or "."
-            earlier = [metrics_path]
-            if args.overwrite:
-                earlier += [args.out, os.path.join(folder, "curves.png")]
-                earlier += glob.glob(os.path.join(glob.escape(folder), "ckpt-step*.pt"))  # its --snapshots
-            for path in filter(os.path.exists, earlier):
-                os.remove(path)
-        elif os.path.exists(metrics_path):  # a resumed run drops what it logged after its last save (it redoes it)
-            with open(metrics_path) as f:
-                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-            write_text(metrics_path, "".join(kept))
-        print(
-            f"{n_params / 1e6:.2f}M parameters | {len(tasks)} tasks, "
-            f"{sum(t['transitions'] for t in tasks):,} transitions | "
-            f"{world_size} process(es) on {device} | {tokens_per_step} tokens per step | "
-            f"{'bf16' if bf16 else 'fp32'}" + (f" | {origin} at step {step}" if ckpt is not None else "")
-        )
-
-    def checkpoint():
-        rng = dict(
-            numpy=[dataset.rng.bit_generator.state],
-            torch=[torch.get_rng_state()],
-            cuda=[torch.cuda.get_rng_state(device) if device.type == "cuda" else None],
-        )
-        if world_size > 1:  # every rank's sampling and dropout state, gathered on rank 0
-            gathered = [None] * world_size
-            dist.all_gather_object(gathered, rng)
-            rng = {key: [g[key][0] for g in gathered] for key in rng}
-        if is_main:
-            state = dict(
-                model=model.state_dict(),
-                model_args=asdict(cfg),
-                args=asdict(args),
-                tasks=tasks,
-                optimizer=optimizer.state_dict(),
-                rng=rng,
-                step=step,
-                world_size=world_size,
-            )
-            save_atomic(state, args.out)
-            if step in snapshots:
-                save_atomic(state, snapshot_path(args.out, step))
+        start_log(args, origin, step, metrics_path)
+        n_params, transitions = sum(p.numel() for p in model.parameters()), sum(t["transitions"] for t in tasks)
+        print(f"{n_params / 1e6:.2f}M parameters | {len(tasks)} tasks, {transitions:,} transitions | {world_size} "
+              f"process(es) on {device} | {tokens_per_step} tokens per step | {'bf16' if bf16 else 'fp32'}"
+              + (f" | {origin} at step {step}" if ckpt is not None else ""))  # fmt: skip
 
     # --- the training loop ----------------------------------------------------------------------------------
     bar = tqdm(total=args.steps, initial=step, disable=not (is_main and sys.stderr.isatty()), dynamic_ncols=True)
     start, timed_steps, metrics = time.perf_counter(), 0, None
     while step < args.steps:
         lr = lr_at(step, args)
-        loss, accuracy = train_step(lr)
-        step += 1
-        timed_steps += 1
+        loss, accuracy = step_fn(lr)
+        step, timed_steps = step + 1, timed_steps + 1
         if is_main:
             seconds = time.perf_counter() - start
             status = (
@@ -640,44 +677,15 @@ def main(args):
             if bar.disable and step % 500 == 0:  # a log file gets a plain line instead of a progress bar
                 print(f"step {step} | {status}", flush=True)
         if (step % args.eval_every == 0 or step == args.steps) and is_main and heldout:
-            metrics = heldout_metrics(model, dataset, heldout, device, autocast)
-            mean_loss, mean_acc = np.mean([m[0] for m in metrics.values()]), np.mean([m[1] for m in metrics.values()])
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(dict(step=step, heldout=metrics)) + "\n")  # per task: [loss, accuracy]
-            worst = sorted(metrics.items(), key=lambda kv: kv[1][1])[:3]
-            domains = domain_means(metrics)
-            split = (
-                "".join(f" | {d} {lo:.3f} / {ac:.3f}" for d, (lo, ac) in domains.items()) if len(domains) > 1 else ""
-            )
-            tqdm.write(
-                f"step {step} | held-out loss {mean_loss:.3f} acc {mean_acc:.3f}{split} | lowest acc: "
-                + ", ".join(f"{n} {a:.2f}" for n, (_, a) in worst)
-            )
+            metrics = log_heldout(model, dataset, heldout, device, autocast, step, metrics_path)
         if step % args.save_every == 0 or step == args.steps or step in snapshots:
-            checkpoint()
+            save_checkpoint(model, optimizer, dataset, tasks, args, step, snapshots, device, world_size, is_main)
     bar.close()
 
     if is_main:
-        seconds = time.perf_counter() - start
         if metrics is None and heldout:  # resumed a finished run: nothing was evaluated above
             metrics = heldout_metrics(model, dataset, heldout, device, autocast)
-        if metrics:
-            print("\nheld-out action loss / accuracy per task:")
-            for name, (loss_value, acc) in metrics.items():
-                print(f"  {name:<28} {loss_value:.3f} / {acc:.3f}")
-            losses, accuracies = zip(*metrics.values())
-            print(f"mean {np.mean(losses):.3f} / {np.mean(accuracies):.3f}")
-            if len(domain_means(metrics)) > 1:
-                for domain, (loss_value, acc) in domain_means(metrics).items():
-                    print(f"mean {domain:<23} {loss_value:.3f} / {acc:.3f}")
-        if timed_steps:
-            print(
-                f"{timed_steps} steps in {seconds:.0f} s: {seconds / timed_steps * 1e3:.0f} ms/step, "
-                f"{tokens_per_step * timed_steps / seconds:,.0f} tokens/s"
-            )
-        if os.path.exists(metrics_path):
-            plot_pretraining(metrics_path, os.path.join(os.path.dirname(args.out) or ".", "curves.png"))
-        print(f"wrote {args.out}" + (f" and {os.path.dirname(args.out) or '.'}/curves.png" if heldout else ""))
+        report(metrics, timed_steps, time.perf_counter() - start, tokens_per_step, metrics_path, args)
     if world_size > 1:  # tear down together: rank 1 once aborted in gloo's teardown while rank 0 was still writing
         dist.barrier()
         dist.destroy_process_group()
