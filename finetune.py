@@ -287,9 +287,13 @@ def check_grid(args):
     return methods, seeds
 
 
-def launch(args, methods, seeds):
-    """--methods/--seeds (checked by check_grid): one process per (method, seed), --jobs at a time, each with one
-    torch thread (runs side by side use the cores better than threads within one run), logging to <run-dir>/log.txt."""
+def launch(args):
+    """--methods/--seeds: one process per (method, seed), --jobs at a time, each with one torch thread (runs side by
+    side use the cores better than threads within one run), logging to <run-dir>/log.txt; every run checked first."""
+    try:
+        methods, seeds = check_grid(args)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"finetune.py: error: {e}")
     shared = command_line(args).split()[2:] + ["--device", args.device]  # the flags this command set, minus the grid's
     for name in ("--method", "--seed", "--run-dir"):
         while name in shared:
@@ -354,6 +358,16 @@ def launch(args, methods, seeds):
                 failed.append(item[0])
     if failed:
         sys.exit(f"finetune.py: error: {len(failed)} runs failed: {', '.join(failed)}")
+
+
+def build_learner(pretrained, args, n_tasks, device):
+    """The pre-trained model with what the method trains attached. -> (model, pool settings, adapter settings)."""
+    torch.manual_seed(args.seed)
+    try:
+        model = build_model(pretrained, device)
+    except ValueError as e:
+        sys.exit(f"finetune.py: error: {args.ckpt}: {e}")
+    return model, *attach_method(model, args, n_tasks, device)
 
 
 def attach_method(model, args, n_tasks, device):
@@ -564,13 +578,15 @@ def train_task(step_fn, steps, name, pool_size):
     return losses, time.perf_counter() - start
 
 
-def consolidate(model, args, dataset, pools, device, autocast, importance):
-    """L2/EWC after a task: the anchor the next tasks are pulled toward (the weights now) and, for EWC, the Fisher
-    summed over the tasks so far. -> (anchor, importance)."""
+def consolidate(model, args, task_data, device, autocast, progress):
+    """L2/EWC after a task: progress's anchor, the weights the next tasks are pulled toward (the weights now), and
+    for EWC its importance, the Fisher diagonal summed over the tasks so far."""
+    _, dataset, pools = task_data
     if METHODS[args.method].penalty == "ewc":
         fisher = fisher_diagonal(model, dataset, pools, args, device, autocast)
-        importance = fisher if importance is None else {n: importance[n] + fisher[n] for n in fisher}
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}, importance
+        importance = progress["importance"]
+        progress["importance"] = fisher if importance is None else {n: importance[n] + fisher[n] for n in fisher}
+    progress["anchor"] = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
 RUN_OUTPUTS = ("ckpt.pt", "results.json", "results.md", "success_matrix.png", "success_curves.png",
@@ -597,15 +613,11 @@ def stop_run(signum, frame):
     sys.exit(f"finetune.py: stopped by {signal.Signals(signum).name}; --resume continues after the last finished task")
 
 
-def main(args):
-    if args.methods or args.seeds:
-        try:
-            methods, seeds = check_grid(args)
-        except (ValueError, FileNotFoundError) as e:
-            sys.exit(f"finetune.py: error: {e}")
-        return launch(args, methods, seeds)
+def end_with_launcher():
+    """A run ends on SIGTERM with a line in its log, and a run started by --methods/--seeds also ends when its
+    launcher is gone, even after the launcher's kill -9."""
     signal.signal(signal.SIGTERM, stop_run)
-    if LAUNCHER_PID in os.environ:  # started by --methods/--seeds: end with the launcher, even after its kill -9
+    if LAUNCHER_PID in os.environ:
         launcher = int(os.environ.pop(LAUNCHER_PID))
 
         def launcher_gone():
@@ -613,11 +625,106 @@ def main(args):
             os.kill(os.getpid(), signal.SIGTERM)
 
         watch_parent(launcher, launcher_gone)
+
+
+def restore(model, resumed, device):
+    """A resumed run's trained modules, PackNet's owners and the RNG state, back where its last finished task left
+    them. -> its progress (the checkpoint's success, success_any, stages, anchor and importance)."""
+    model.load_state_dict({**model.state_dict(), **resumed["model"]})
+    model.owners = resumed.get("owners")
+    torch.set_rng_state(resumed["rng"])
+    if device.type == "cuda" and resumed.get("cuda_rng") is not None:  # dropout on the GPU draws from this one
+        torch.cuda.set_rng_state(resumed["cuda_rng"], device)
+    return {k: resumed.get(k) for k in ("success", "success_any", "stages", "anchor", "importance")}
+
+
+def learn_task(model, method, step_fn, task_index, sequence, args):
+    """One task's args.steps_per_task steps (PackNet: train the free weights, keep the largest, retrain those).
+    -> (losses, seconds)."""
+    n_tasks = len(sequence)
+    name = f"task {task_index + 1}/{n_tasks} {sequence[task_index]['name']}"
+    if method.batches == "all":
+        name = f"stage {task_index + 1}/{n_tasks}, all tasks"
+    if not method.prunes:
+        return train_task(step_fn, args.steps_per_task, name, model.pool.size if model.pool else 0)
+    retrain_steps = round(args.packnet_retrain * args.steps_per_task)
+    losses, train_seconds = [], 0.0
+    for retraining, steps in ((False, args.steps_per_task - retrain_steps), (True, retrain_steps)):
+        restore_owned = packnet_freezer(model, task_index, retraining)
+        phase_losses, seconds = train_task(lambda: (step_fn(), restore_owned())[0], steps, name, 0)  # noqa: B023
+        losses, train_seconds = losses + phase_losses, train_seconds + seconds
+        if not retraining:
+            packnet_prune(model, task_index, n_tasks)
+    return losses, train_seconds
+
+
+def evaluate_stage(model, method, progress, task_index, data, losses, train_seconds, args, device, bf16):
+    """After a task: every task of the sequence evaluated (success at the last and at any step), appended to
+    progress with the task's training record, and one line printed."""
+    task, dataset, pools = data[task_index]
+    model.eval()
+    if model.pool is not None and model.pool.tasks is not None:  # l2m-stats: the statistics task inference uses
+        fit_task_statistics(model, task_index, dataset, pools, args, device)
+    start, sequence = time.perf_counter(), [t for t, _, _ in data]
+    ids = list(range(len(sequence))) if method.told_task_id else None
+    results = evaluate_tasks(
+        model, sequence, args.eval_episodes, device, ids, bf16=bf16, env_processes=torch.get_num_threads()
+    )
+    progress["success"].append([r["success"] for r in results])
+    progress["success_any"].append([r["success_any"] for r in results])
+    progress["stages"].append(dict(
+        task=task["name"],
+        train_loss=float(np.mean(losses[-100:])),
+        loss_curve=[float(np.mean(losses[i : i + CURVE_EVERY])) for i in range(0, len(losses), CURVE_EVERY)],
+        train_seconds=train_seconds,
+        eval_seconds=time.perf_counter() - start,
+        results=results,
+    ))  # fmt: skip
+    print(
+        f"after {task['name']}: loss {progress['stages'][-1]['train_loss']:.3f} | success at the last step "
+        f"[{' '.join(f'{s:.1f}' for s in progress['success'][-1])}], any step "
+        f"[{' '.join(f'{s:.1f}' for s in progress['success_any'][-1])}] | {train_seconds:.0f} s training "
+        f"({1e3 * train_seconds / args.steps_per_task:.0f} ms/step), "
+        f"{progress['stages'][-1]['eval_seconds']:.0f} s evaluating"
+    )
+    if "inferred" in results[0]:  # l2m-stats: how often each learned task's steps were given its own id
+        right = " ".join(f"{now:.2f}" for _, _, now in routing_accuracy(progress["stages"]))
+        print(f"  task inferred right (share of steps): [{right}]")
+
+
+def run_record(args, method, pretrained, sequence, pool_args, adapter_args, model, run_dir):
+    """What every checkpoint of a run repeats: its method and settings, the model's shape and the pre-trained file
+    it modulates (identified by its hash: evaluate.py checks it)."""
+    return dict(
+        kind="finetune", method=args.method, told_task_id=method.told_task_id, args=asdict(args),
+        command=command_line(args), tasks=sequence,
+        setting={k: v for k, v in asdict(args).items() if k not in RUN_CONTROL | {"seed"}},  # seeds share one
+        model_args=pretrained["model_args"], pool_args=pool_args, adapter_args=adapter_args,
+        trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
+        pretrained=dict(path=os.path.abspath(args.ckpt), relpath=os.path.relpath(args.ckpt, run_dir),
+                        step=pretrained["step"], sha256=file_sha256(args.ckpt)),
+    )  # fmt: skip
+
+
+def run_state(model, method, progress, device):
+    """What changes after each task: a frozen-backbone method's trained modules only (a full model otherwise), the
+    progress so far, PackNet's owners and the RNG state, for --resume."""
+    state = model.state_dict()
+    return dict(
+        model={n: v for n, v in state.items() if n.startswith(("pool.", "adapters."))} if method.frozen else state,
+        **progress, owners=model.owners,
+        rng=torch.get_rng_state(), cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+    )  # fmt: skip
+
+
+def main(args):
+    if args.methods or args.seeds:
+        return launch(args)
+    end_with_launcher()
     if args.threads:
         torch.set_num_threads(args.threads)
     env_workers(torch.get_num_threads() - 1)  # the evaluations' env processes, forked before torch computes anything
-    run_dir = args.run_dir or default_run_dir(args)
-    out = os.path.join(run_dir, "ckpt.pt")
+    run_dir, method = args.run_dir or default_run_dir(args), METHODS[args.method]
     try:
         pretrained, resumed = check_inputs(args, run_dir)
         data = load_sequence(args, pretrained["model_args"])
@@ -627,122 +734,44 @@ def main(args):
         sys.exit(f"finetune.py: error: {e}")
     if args.overwrite and not args.bench:
         remove_outputs(run_dir)
-    device = resolve_device(args.device)
+    device, sequence, out = resolve_device(args.device), [task for task, _, _ in data], os.path.join(run_dir, "ckpt.pt")
     keep_freed_memory()
-    sequence = [task for task, _, _ in data]
-    n_tasks = len(sequence)
-    backbone_hash = file_sha256(args.ckpt)  # evaluate.py checks that the backbone is still this file
 
-    # --- the model: pre-trained backbone, plus a pool for the modulation methods ------------------------------
-    torch.manual_seed(args.seed)
-    try:
-        model = build_model(pretrained, device)
-    except ValueError as e:
-        sys.exit(f"finetune.py: error: {args.ckpt}: {e}")
-    pool_args, adapter_args = attach_method(model, args, n_tasks, device)
-    method = METHODS[args.method]
-    frozen = method.frozen  # a checkpoint then holds only what was trained
-    frozen_eval = frozen and not args.frozen_dropout
+    # --- the model: the pre-trained backbone, and what the method trains -------------------------------------
+    model, pool_args, adapter_args = build_learner(pretrained, args, len(sequence), device)
+    frozen_eval = method.frozen and not args.frozen_dropout  # the backbone runs as when acting (deviation 15)
     set_training(model, frozen_eval)
-    anchor = importance = None  # l2/ewc: weights after the previous task, and their (summed) Fisher
-    success, success_any, stages, first_task = [], [], [], 0
+    progress = dict(success=[], success_any=[], stages=[], anchor=None, importance=None)  # anchor: l2/ewc's weights
     if resumed is not None:
-        model.load_state_dict({**model.state_dict(), **resumed["model"]})
-        model.owners = resumed.get("owners")
-        anchor, importance = resumed.get("anchor"), resumed.get("importance")
-        success, success_any, stages = resumed["success"], resumed["success_any"], resumed["stages"]
-        first_task = len(success)
-        torch.set_rng_state(resumed["rng"])
-        if device.type == "cuda" and resumed.get("cuda_rng") is not None:  # dropout on the GPU draws from this one
-            torch.cuda.set_rng_state(resumed["cuda_rng"], device)
-        print(f"resuming {out} after task {first_task}/{n_tasks}")
-
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    print(
-        f"{args.method} on {n_tasks} tasks: {trainable:,} trainable of {total:,} parameters ({trainable / total:.1%})"
-        f" | {device}, {torch.get_num_threads()} threads"
-    )
+        progress = restore(model, resumed, device)
+        print(f"resuming {out} after task {len(progress['success'])}/{len(sequence)}")
+    record = run_record(args, method, pretrained, sequence, pool_args, adapter_args, model, run_dir)
+    trainable, total = record["trainable_params"], sum(p.numel() for p in model.parameters())
+    print(f"{args.method} on {len(sequence)} tasks: {trainable:,} trainable of {total:,} parameters "
+          f"({trainable / total:.1%}) | {device}, {torch.get_num_threads()} threads")  # fmt: skip
     bf16 = use_bf16(args.precision, device)  # training under bf16 autocast, and acting in the evaluations
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
-    grouped = method.grouped  # the pool is told the task index in training (the oracle also in evaluation)
     start_all = time.perf_counter()
 
     # --- the sequence: train on each task, then evaluate every task and save -------------------------------
-    for task_index in range(first_task, n_tasks):
-        task, dataset, pools = data[task_index]
+    for task_index in range(len(progress["success"]), len(sequence)):
         if model.pool is not None:
             model.pool.start_task(task_index)  # L2M: refresh the count penalty
-        task_ids = torch.full((args.batch_size,), task_index, device=device) if grouped else None
+        task_ids = torch.full((args.batch_size,), task_index, device=device) if method.grouped else None
         # A fresh optimizer per task: with Adam's moments carried over, the modulators of finished tasks would keep
         # moving on their momentum while the next task trains (zero gradient, non-zero update); fresh moments leave
         # every entry the new task does not select bit-identical. The authors keep one optimizer for the sequence.
         optimizer = model.configure_optimizer(args.lr, args.weight_decay)
-        sample = batch_source(data, task_index, args, device)
-        step_fn = functools.partial(train_step, model, optimizer, sample, args, task_ids, anchor, importance, autocast)
+        step_fn = functools.partial(train_step, model, optimizer, batch_source(data, task_index, args, device), args,
+                                    task_ids, progress["anchor"], progress["importance"], autocast)  # fmt: skip
         if args.bench:
             return bench(model, sequence, step_fn, args, device, method.told_task_id, bf16)
-        name = f"task {task_index + 1}/{n_tasks} {task['name']}"
-        if method.batches == "all":
-            name = f"stage {task_index + 1}/{n_tasks}, all tasks"
-        if method.prunes:  # train the free weights, keep the largest, retrain those: one task's steps
-            retrain_steps = round(args.packnet_retrain * args.steps_per_task)
-            losses, train_seconds = [], 0.0
-            for retraining, steps in ((False, args.steps_per_task - retrain_steps), (True, retrain_steps)):
-                restore = packnet_freezer(model, task_index, retraining)
-                phase_losses, seconds = train_task(lambda: (step_fn(), restore())[0], steps, name, 0)  # noqa: B023
-                losses, train_seconds = losses + phase_losses, train_seconds + seconds
-                if not retraining:
-                    packnet_prune(model, task_index, n_tasks)
-        else:
-            losses, train_seconds = train_task(step_fn, args.steps_per_task, name, model.pool.size if model.pool else 0)
+        losses, train_seconds = learn_task(model, method, step_fn, task_index, sequence, args)
         if method.penalty:  # the next tasks are pulled toward the weights after this one
-            anchor, importance = consolidate(model, args, dataset, pools, device, autocast, importance)
-
-        model.eval()
-        if model.pool is not None and model.pool.tasks is not None:  # l2m-stats: the statistics task inference uses
-            fit_task_statistics(model, task_index, dataset, pools, args, device)
-        start = time.perf_counter()
-        ids = list(range(n_tasks)) if method.told_task_id else None
-        results = evaluate_tasks(
-            model, sequence, args.eval_episodes, device, ids, bf16=bf16, env_processes=torch.get_num_threads()
-        )
+            consolidate(model, args, data[task_index], device, autocast, progress)
+        evaluate_stage(model, method, progress, task_index, data, losses, train_seconds, args, device, bf16)
         set_training(model, frozen_eval)
-        success.append([r["success"] for r in results])
-        success_any.append([r["success_any"] for r in results])
-        stages.append(
-            dict(
-                task=task["name"],
-                train_loss=float(np.mean(losses[-100:])),
-                loss_curve=[float(np.mean(losses[i : i + CURVE_EVERY])) for i in range(0, len(losses), CURVE_EVERY)],
-                train_seconds=train_seconds,
-                eval_seconds=time.perf_counter() - start,
-                results=results,
-            )
-        )
-        print(
-            f"after {task['name']}: loss {stages[-1]['train_loss']:.3f} | success at the last step "
-            f"[{' '.join(f'{s:.1f}' for s in success[-1])}], any step "
-            f"[{' '.join(f'{s:.1f}' for s in success_any[-1])}] | {train_seconds:.0f} s training "
-            f"({1e3 * train_seconds / args.steps_per_task:.0f} ms/step), {stages[-1]['eval_seconds']:.0f} s evaluating"
-        )
-        if "inferred" in results[0]:  # l2m-stats: how often each learned task's steps were given its own id
-            right = " ".join(f"{now:.2f}" for _, _, now in routing_accuracy(stages))
-            print(f"  task inferred right (share of steps): [{right}]")
-        state = model.state_dict()
-        save_atomic(dict(
-            kind="finetune", method=args.method, told_task_id=method.told_task_id, args=asdict(args),
-            command=command_line(args), tasks=sequence,
-            setting={k: v for k, v in asdict(args).items() if k not in RUN_CONTROL | {"seed"}},  # seeds share one
-            model_args=pretrained["model_args"], pool_args=pool_args, adapter_args=adapter_args,
-            trainable_params=trainable,
-            pretrained=dict(path=os.path.abspath(args.ckpt), relpath=os.path.relpath(args.ckpt, run_dir),
-                            step=pretrained["step"], sha256=backbone_hash),
-            model={n: v for n, v in state.items() if n.startswith(("pool.", "adapters."))} if frozen else state,
-            success=success, success_any=success_any, stages=stages, anchor=anchor, importance=importance,
-            owners=model.owners,
-            rng=torch.get_rng_state(), cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-        ), out)  # fmt: skip
+        save_atomic({**record, **run_state(model, method, progress, device)}, out)
 
     print(write_sequence_report(run_dir, load_checkpoint(out)))
     print(f"{time.perf_counter() - start_all:.0f} s in all | wrote {out} and {run_dir}/results.json, results.md, *.png")
