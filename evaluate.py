@@ -222,6 +222,54 @@ class EvalEnvs:
 
 
 @torch.no_grad()
+def empty_window(N, cfg, device):
+    """The context window of N envs, all padding: (states, returns-to-go, action bins, rewards, timesteps, step
+    mask), each (N, K, ...); filled from the right, the last slot is the current timestep."""
+    K = cfg.context_len
+    return (
+        torch.zeros(N, K, cfg.state_dim, device=device),
+        torch.zeros(N, K, device=device),
+        torch.full((N, K, cfg.act_dim), cfg.n_bins, dtype=torch.long, device=device),
+        torch.zeros(N, K, device=device),
+        torch.zeros(N, K, dtype=torch.long, device=device),
+        torch.zeros(N, K, dtype=torch.bool, device=device),
+    )
+
+
+def slide(window, n_bins):
+    """Shift every buffer of the window one slot to the left, in place, and pad the last slot."""
+    for buffer, pad in zip(window, (0.0, 0.0, n_bins, 0.0, 0, False)):
+        buffer[:, :-1] = buffer[:, 1:].clone()
+        buffer[:, -1] = pad
+
+
+def score(tasks, env_task, env_steps, success_last, success_any, total_return, routing, inferred):
+    """Per task, over its envs: success at the last step and at any step (DMControl, without success: the
+    data-normalized score in both), returns, routing counts and (l2m-stats) inferred task ids. -> results."""
+    results = []
+    for j, task in enumerate(tasks):
+        mine = env_task == j
+        success = float(success_last[mine].mean()), float(success_any[mine].mean())
+        if not is_metaworld(task["name"]):  # no success signal: the paper's DMControl metric in both places
+            span = task["data_return"] - task["random_return"]  # data no better than random: no scale, NaN
+            normalized = (total_return[mine].mean() - task["random_return"]) / span if span > 0 else float("nan")
+            success = float(normalized), float(normalized)
+        results.append(
+            dict(
+                task=task["name"],
+                episodes=int(mine.sum()),
+                success=success[0],
+                success_any=success[1],
+                mean_return=float(total_return[mine].mean()),
+                returns=total_return[mine].tolist(),
+                routing=routing[j].tolist(),
+                env_steps=env_steps,
+                **(dict(inferred=inferred[j].tolist()) if inferred is not None else {}),
+            )
+        )
+    return results
+
+
 def rollout(model, tasks, episodes, device, task_ids=None, bf16=False, env_processes=1):
     """Roll out `episodes` episodes of each task, all in lockstep, one env each, batched through the model; the
     envs are stepped in `env_processes` processes side by side (EvalEnvs).
@@ -233,7 +281,7 @@ def rollout(model, tasks, episodes, device, task_ids=None, bf16=False, env_proce
     DMControl has no success: both hold the paper's metric there, the data-normalized score
     (R - R_random) / (R_data - R_random), 0 for random actions, 1 for the data's mean."""
     cfg = model.cfg
-    K, A, N = cfg.context_len, cfg.act_dim, episodes * len(tasks)
+    N = episodes * len(tasks)
     env_task = np.repeat(np.arange(len(tasks)), episodes)  # (N,): env n plays task n // episodes, episode n % episodes
     start = time.perf_counter()
     envs = EvalEnvs([(tasks[j]["name"], n % episodes) for n, j in enumerate(env_task)], env_processes)
@@ -242,18 +290,11 @@ def rollout(model, tasks, episodes, device, task_ids=None, bf16=False, env_proce
     length, act_dim = horizon(tasks[0]["name"]), max(task["act_dim"] for task in tasks)
     scale = torch.tensor([tasks[j]["reward_scale"] for j in env_task], device=device)  # (N,)
     tokenizer = ActionTokenizer(cfg.n_bins)
-    # the context window of every env, left-padded: the last slot is the current timestep
-    states = torch.zeros(N, K, cfg.state_dim, device=device)
-    returns = torch.zeros(N, K, device=device)
-    bins = torch.full((N, K, A), cfg.n_bins, dtype=torch.long, device=device)
-    rewards = torch.zeros(N, K, device=device)
-    timesteps = torch.zeros(N, K, dtype=torch.long, device=device)
-    step_mask = torch.zeros(N, K, dtype=torch.bool, device=device)
+    window = empty_window(N, cfg, device)
+    states, returns, bins, rewards, timesteps, step_mask = window
     return_to_go = torch.tensor([tasks[j]["target_return"] for j in env_task], device=device) / scale  # (N,)
-    own_dims = (
-        torch.arange(act_dim, device=device)
-        < torch.tensor([tasks[j]["act_dim"] for j in env_task], device=device)[:, None]
-    )
+    dims = torch.tensor([tasks[j]["act_dim"] for j in env_task], device=device)  # (N,): each env's own action dims
+    own_dims = torch.arange(act_dim, device=device) < dims[:, None]  # (N, act_dim)
     ids = None if task_ids is None else torch.as_tensor(np.asarray(task_ids)[env_task], device=device)  # (N,)
     infer = ids is None and model.pool is not None and model.pool.tasks is not None  # l2m-stats: no task id given
     if infer:
@@ -266,17 +307,7 @@ def rollout(model, tasks, episodes, device, task_ids=None, bf16=False, env_proce
     model_seconds = env_seconds = 0.0
     merged = {}  # L2M: pool entries folded into the weights they modulate, as they come up (model.act)
     for t in range(length):
-        # shift the window by one and write the current step (state, return-to-go, timestep) into the last slot
-        for buffer, pad in (
-            (states, 0.0),
-            (returns, 0.0),
-            (bins, cfg.n_bins),
-            (rewards, 0.0),
-            (timesteps, 0),
-            (step_mask, False),
-        ):
-            buffer[:, :-1] = buffer[:, 1:].clone()
-            buffer[:, -1] = pad
+        slide(window, cfg.n_bins)  # then the current step (state, return-to-go, timestep) goes into the last slot
         for n, o in enumerate(obs):
             states[n, -1, : len(o)] = torch.from_numpy(o)
         returns[:, -1], timesteps[:, -1], step_mask[:, -1] = return_to_go, t, True
@@ -310,35 +341,10 @@ def rollout(model, tasks, episodes, device, task_ids=None, bf16=False, env_proce
         )  # other dims stay padding, as in the data
         rewards[:, -1] = torch.as_tensor(step_rewards, device=device) / scale
         return_to_go = return_to_go - rewards[:, -1]  # R_{t+1} = R_t - r_t / scale
-    results = []
-    for j, task in enumerate(tasks):
-        mine = env_task == j
-        success = float(success_last[mine].mean()), float(success_any[mine].mean())
-        if not is_metaworld(task["name"]):  # no success signal: the paper's DMControl metric in both places
-            span = task["data_return"] - task["random_return"]  # data no better than random: no scale, NaN
-            score = (total_return[mine].mean() - task["random_return"]) / span if span > 0 else float("nan")
-            success = float(score), float(score)
-        results.append(
-            dict(
-                task=task["name"],
-                episodes=episodes,
-                success=success[0],
-                success_any=success[1],
-                mean_return=float(total_return[mine].mean()),
-                returns=total_return[mine].tolist(),
-                routing=routing[j].tolist(),
-                env_steps=episodes * length,
-                **(dict(inferred=inferred[j].tolist()) if infer else {}),
-            )
-        )
-    timing = dict(
-        build_seconds=build_seconds,
-        model_seconds=model_seconds,
-        env_seconds=env_seconds,
-        tasks=tasks,
-        episodes=episodes,
-        actions=actions_taken,
-    )
+    results = score(tasks, env_task, episodes * length, success_last, success_any, total_return, routing,
+                    inferred if infer else None)  # fmt: skip
+    timing = dict(build_seconds=build_seconds, model_seconds=model_seconds, env_seconds=env_seconds, tasks=tasks,
+                  episodes=episodes, actions=actions_taken)  # fmt: skip
     return results, timing
 
 
@@ -585,6 +591,83 @@ PAPER_CW10_SUCCESS = {
 }
 
 
+def check_comparable(runs):
+    """Raise ValueError naming two runs (of [(folder, run)]) that learned different sequences or from different
+    backbones (by content): their averages cannot be put side by side."""
+    first_dir, first = runs[0]
+    for odd_dir, odd in runs:
+        if (tuple(odd["tasks"]), backbone_of(odd)) != (tuple(first["tasks"]), backbone_of(first)):
+            what = "task sequence" if odd["tasks"] != first["tasks"] else "backbone"
+            raise ValueError(
+                f"{odd_dir} and {first_dir} differ in their {what} (put side by side only with --allow-mixed, which "
+                "labels each row with its own)"
+            )
+
+
+def run_row(run_dir, run, reference):
+    """One run's numbers for the table: Continual-World metrics (reference: the oracle's end-of-task success, for
+    the gap), retention, size, time, and per task the success right after learning it and after the last task."""
+    from finetune import METHODS  # here, not at the top: finetune.py imports this module
+
+    metrics = continual_metrics(run["success"], reference)
+    retained = retention(run_dir) or (None, None)
+    retained_dmc = retention(run_dir, "retaindmc5") or (None, None)
+    by_stage = METHODS[run["method"]].batches == "all"  # multitask: its rows are stages, not tasks
+    return dict(
+        average=metrics["average"],
+        average_any=continual_metrics(run["success_any"])["average"],
+        forgetting=None if by_stage else metrics["forgetting"],
+        gap=metrics.get("gap_to_reference"),
+        retention=retained[0],
+        retention_any=retained[1],
+        retention_dmc=retained_dmc[0],
+        params=run["trainable_params"],
+        minutes=sum(s["train_seconds"] + s["eval_seconds"] for s in run["stages"]) / 60,
+        paper=PAPER_CW10_SUCCESS.get(run["method"]) if run["setting"].get("tasks") == "cw10" else None,
+        end_of_task=np.diag(run["success"]),  # (tasks,): each task right after it was learned
+        final=np.array(run["success"][-1]),  # (tasks,): each task after the last one
+    )
+
+
+def backbone_dir(run_dir, run):
+    """The folder whose retention results evaluated this run's backbone (beside the run, e.g. runs/pretrain, or the
+    backbone's own), or None."""
+    backbone = os.path.normpath(run["setting"]["ckpt"])
+    beside = os.path.join(os.path.dirname(os.path.normpath(run_dir)), "pretrain")
+    for directory in (beside, os.path.dirname(backbone)):
+        paths = [os.path.join(directory, subset, "results.json") for subset in RETENTION_SUBSETS]
+        if any(os.path.exists(p) and os.path.normpath(read_json(p)["ckpt"]) == backbone for p in paths):
+            return directory
+    return None
+
+
+def cell(rows, key, fmt="{:.2f}"):
+    """A table cell: the mean of rows' key, ± the standard deviation over the rows (population) where several."""
+    values = [r[key] for r in rows if r[key] is not None]
+    if not values:
+        return "–"
+    text = fmt.format(np.mean(values))
+    text = text.lstrip("-") if float(text) == 0 else text  # -0.004 reads "0.00", not "-0.00"
+    return text + (f" ± {fmt.format(np.std(values))}" if len(values) > 1 else "")
+
+
+def per_task_table(by_method, tasks, dmc_only):
+    """Lines of a table: per task and method, success right after learning the task → after the last task."""
+    lines = [
+        "",
+        f"Per task, {'the normalized score' if dmc_only else 'success at the last step'} (mean over runs): "
+        "right after learning it | after the last task",
+        "",
+        "| task | " + " | ".join(by_method) + " |",
+        "|---|" + "---|" * len(by_method),
+    ]
+    for i, task in enumerate(tasks):
+        pairs = [np.mean([r[k][i] for r in rows]) for rows in by_method.values() for k in ("end_of_task", "final")]
+        cells = [f"{pairs[2 * m]:.2f} → {pairs[2 * m + 1]:.2f}" for m in range(len(by_method))]
+        lines.append(f"| {task.removesuffix('-v3')} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def compare_runs(run_dirs, reference_dir="", allow_mixed=False):
     """The results table across fine-tuning runs: one row per method and setting, mean ± std over its runs (seeds).
     Runs of one method whose settings differ get a row each, labelled with the settings that differ. Every run
@@ -596,18 +679,8 @@ def compare_runs(run_dirs, reference_dir="", allow_mixed=False):
     everything = runs + ([(f"--reference {reference_dir}", ref_run)] if ref_run else [])
     sequences = {tuple(r["tasks"]) for _, r in everything}
     backbones = {backbone_of(r) for _, r in everything}
-    if not allow_mixed and (len(sequences) > 1 or len(backbones) > 1):
-        first_dir, first = everything[0]
-        odd_dir, odd = next(
-            (d, r)
-            for d, r in everything
-            if (tuple(r["tasks"]), backbone_of(r)) != (tuple(first["tasks"]), backbone_of(first))
-        )
-        what = "task sequence" if odd["tasks"] != first["tasks"] else "backbone"
-        raise ValueError(
-            f"{odd_dir} and {first_dir} differ in their {what} (put side by side only with --allow-mixed, which "
-            "labels each row with its own)"
-        )
+    if not allow_mixed:
+        check_comparable(everything)
     reference = np.diag(ref_run["success"]) if ref_run else None
 
     def label(run):
@@ -627,43 +700,10 @@ def compare_runs(run_dirs, reference_dir="", allow_mixed=False):
 
     by_method, pretrained, commands = {}, set(), []
     for run_dir, run in runs:
-        metrics = continual_metrics(run["success"], reference)
-        retained = retention(run_dir) or (None, None)
-        retained_dmc = retention(run_dir, "retaindmc5") or (None, None)
-        row = dict(
-            average=metrics["average"],
-            average_any=continual_metrics(run["success_any"])["average"],
-            forgetting=None
-            if run["method"] == "multitask"
-            else metrics["forgetting"],  # its rows are stages, not tasks
-            gap=metrics.get("gap_to_reference"),
-            retention=retained[0],
-            retention_any=retained[1],
-            retention_dmc=retained_dmc[0],
-            params=run["trainable_params"],
-            minutes=sum(s["train_seconds"] + s["eval_seconds"] for s in run["stages"]) / 60,
-            paper=PAPER_CW10_SUCCESS.get(run["method"]) if run["setting"].get("tasks") == "cw10" else None,
-            end_of_task=np.diag(run["success"]),  # (tasks,): each task right after it was learned
-            final=np.array(run["success"][-1]),  # (tasks,): each task after the last one
-        )
         name = label(run)
-        by_method.setdefault(name, []).append(row)
+        by_method.setdefault(name, []).append(run_row(run_dir, run, reference))
         commands.append(f"- {name}, seed {run['args'].get('seed')}: `{run.get('command') or run_dir}`")
-        backbone = os.path.normpath(run["setting"]["ckpt"])
-        beside = os.path.join(os.path.dirname(os.path.normpath(run_dir)), "pretrain")  # e.g. runs/pretrain
-        for directory in (beside, os.path.dirname(backbone)):  # the first whose retention evaluated this backbone
-            paths = [os.path.join(directory, subset, "results.json") for subset in RETENTION_SUBSETS]
-            if any(os.path.exists(p) and os.path.normpath(read_json(p)["ckpt"]) == backbone for p in paths):
-                pretrained.add(directory)
-                break
-
-    def cell(rows, key, fmt="{:.2f}"):
-        values = [r[key] for r in rows if r[key] is not None]
-        if not values:
-            return "–"
-        text = fmt.format(np.mean(values))
-        text = text.lstrip("-") if float(text) == 0 else text  # -0.004 reads "0.00", not "-0.00"
-        return text + (f" ± {fmt.format(np.std(values))}" if len(values) > 1 else "")
+        pretrained |= {backbone_dir(run_dir, run)} - {None}
 
     dmc_only = metric_name([t for _, run in runs for t in run["tasks"]]) == "normalized score"
     with_dmc_retention = any(r["retention_dmc"] is not None for rows in by_method.values() for r in rows)
@@ -686,17 +726,7 @@ def compare_runs(run_dirs, reference_dir="", allow_mixed=False):
         cells += [f"{rows[0]['params']:,}", cell(rows, "minutes", "{:.0f}")]
         lines.append(f"| {method} | {len(rows)} | " + " | ".join(cells) + " |")
     if len({tuple(run["tasks"]) for _, run in runs}) == 1:  # one sequence: where each method gains and loses
-        lines += [
-            "",
-            f"Per task, {'the normalized score' if dmc_only else 'success at the last step'} (mean over runs): "
-            "right after learning it | after the last task",
-            "",
-        ]
-        lines += ["| task | " + " | ".join(by_method) + " |", "|---|" + "---|" * len(by_method)]
-        for i, task in enumerate(runs[0][1]["tasks"]):
-            pairs = [np.mean([r[k][i] for r in rows]) for rows in by_method.values() for k in ("end_of_task", "final")]
-            cells = [f"{pairs[2 * m]:.2f} → {pairs[2 * m + 1]:.2f}" for m in range(len(by_method))]
-            lines.append(f"| {task.removesuffix('-v3')} | " + " | ".join(cells) + " |")
+        lines += per_task_table(by_method, runs[0][1]["tasks"], dmc_only)
     for directory in sorted(pretrained):
         for subset in RETENTION_SUBSETS:
             retained = retention(directory, subset)
@@ -743,34 +773,10 @@ def plot_pretraining(metrics_path, png_path):
     save_figure(fig, png_path)
 
 
-def write_sequence_report(run_dir, ckpt):
-    """results.json, results.md and the figures (success_matrix, success_curves, training_curves, routing) of a
-    (finished) fine-tuning run."""
-    names = [t["name"] for t in ckpt["tasks"]]
-    S = np.asarray(ckpt["success"])
-    metrics, report = sequence_report(ckpt)
-    write_text(
-        os.path.join(run_dir, "results.json"),
-        json.dumps(
-            dict(
-                method=ckpt["method"],
-                tasks=names,
-                success=S.tolist(),
-                success_any=ckpt["success_any"],
-                metrics=metrics,
-                args=ckpt["args"],
-                setting=ckpt["setting"],  # the args that decide the outcome, seed excluded: --compare groups by them
-                command=ckpt.get("command"),
-                trainable_params=ckpt["trainable_params"],
-                stages=ckpt["stages"],
-                backbone_sha256=ckpt["pretrained"]["sha256"],  # --compare puts only runs of one backbone together
-                ckpt_sha256=file_sha256(os.path.join(run_dir, "ckpt.pt")),  # these results belong to that file
-            ),
-            indent=1,
-        ),
-    )
-    write_text(os.path.join(run_dir, "results.md"), report)
-
+def plot_run(run_dir, ckpt, metrics):
+    """A fine-tuning run's figures: success_matrix.png, success_curves.png, training_curves.png and (a pool of
+    several entries) routing.png."""
+    names, S = [t["name"] for t in ckpt["tasks"]], np.asarray(ckpt["success"])
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(4.5, 1.5 + 0.5 * len(names)), max(4.0, 1.2 + 0.45 * len(names))))
     image = ax.imshow(S, vmin=0, vmax=1, cmap="viridis")
@@ -809,29 +815,59 @@ def write_sequence_report(run_dir, ckpt):
         ax.set_title(f"{ckpt['method']}: training loss on each task of the sequence", fontsize=8)
         ax.legend(fontsize=6, ncol=2, loc="center left", bbox_to_anchor=(1, 0.5))
         save_figure(fig, os.path.join(run_dir, "training_curves.png"))
+    if ckpt["pool_args"] is not None and ckpt["pool_args"]["pool_size"] > 1:
+        plot_routing(run_dir, ckpt)
 
-    if ckpt["pool_args"] is not None and ckpt["pool_args"]["pool_size"] > 1:  # routing after the last task
-        used, share = routing_shares(ckpt["stages"][-1]["results"])
-        fig, ax = plt.subplots(figsize=(max(4.5, 1.5 + 0.4 * len(used)), max(3.0, 1.2 + 0.35 * len(names))))
-        image = ax.imshow(np.where(share > 0, share, np.nan), vmin=0, vmax=1, cmap="magma")  # unused: blank
-        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the task's steps")
-        ax.set_xticks(range(len(used)), [f"e{i}" for i in used], fontsize=7)
-        ax.set_yticks(range(len(names)), short, fontsize=7)
-        ax.set_xlabel("pool entry"), ax.set_ylabel("evaluated task")
-        ax.set_title(f"{ckpt['method']}: share of evaluation steps per entry, after the last task", fontsize=8)
-        for i in range(len(names)):
-            for j in range(len(used)):
-                if share[i, j] >= 0.005:
-                    ax.text(
-                        j,
-                        i,
-                        f"{share[i, j]:.2f}",
-                        ha="center",
-                        va="center",
-                        fontsize=5,
-                        color="w" if share[i, j] < 0.6 else "k",
-                    )
-        save_figure(fig, os.path.join(run_dir, "routing.png"))
+
+def plot_routing(run_dir, ckpt):
+    """routing.png: each task's share of evaluation steps per pool entry, after the last task."""
+    plt, names = pyplot(), [t["name"] for t in ckpt["tasks"]]
+    short = [n.removesuffix("-v3") for n in names]
+    used, share = routing_shares(ckpt["stages"][-1]["results"])
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.5 + 0.4 * len(used)), max(3.0, 1.2 + 0.35 * len(names))))
+    image = ax.imshow(np.where(share > 0, share, np.nan), vmin=0, vmax=1, cmap="magma")  # unused: blank
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the task's steps")
+    ax.set_xticks(range(len(used)), [f"e{i}" for i in used], fontsize=7)
+    ax.set_yticks(range(len(names)), short, fontsize=7)
+    ax.set_xlabel("pool entry"), ax.set_ylabel("evaluated task")
+    ax.set_title(f"{ckpt['method']}: share of evaluation steps per entry, after the last task", fontsize=8)
+    for i in range(len(names)):
+        for j in range(len(used)):
+            if share[i, j] >= 0.005:
+                color = "w" if share[i, j] < 0.6 else "k"
+                ax.text(j, i, f"{share[i, j]:.2f}", ha="center", va="center", fontsize=5, color=color)
+    save_figure(fig, os.path.join(run_dir, "routing.png"))
+
+
+def write_sequence_report(run_dir, ckpt):
+    """results.json, results.md and the figures (success_matrix, success_curves, training_curves, routing) of a
+    (finished) fine-tuning run."""
+    names = [t["name"] for t in ckpt["tasks"]]
+    S = np.asarray(ckpt["success"])
+    metrics, report = sequence_report(ckpt)
+    write_text(
+        os.path.join(run_dir, "results.json"),
+        json.dumps(
+            dict(
+                method=ckpt["method"],
+                tasks=names,
+                success=S.tolist(),
+                success_any=ckpt["success_any"],
+                metrics=metrics,
+                args=ckpt["args"],
+                setting=ckpt["setting"],  # the args that decide the outcome, seed excluded: --compare groups by them
+                command=ckpt.get("command"),
+                trainable_params=ckpt["trainable_params"],
+                stages=ckpt["stages"],
+                backbone_sha256=ckpt["pretrained"]["sha256"],  # --compare puts only runs of one backbone together
+                ckpt_sha256=file_sha256(os.path.join(run_dir, "ckpt.pt")),  # these results belong to that file
+            ),
+            indent=1,
+        ),
+    )
+    write_text(os.path.join(run_dir, "results.md"), report)
+
+    plot_run(run_dir, ckpt, metrics)
     return report
 
 
