@@ -170,7 +170,7 @@ def horizon(name):
 @functools.lru_cache(maxsize=None)
 def compiled_mujoco_model(xml_path):
     """A Meta-World XML compiled once per process, without its textures: nothing here renders, and they are 5-8 MB
-    of each model that every env's copy would duplicate (copying took 18 ms per env with them, 8 without). Physics
+    of each model that every env's copy would duplicate (and copy: docs/performance.md). Physics
     is unchanged: all 50 tasks stepped identically with and without (2 episodes of 100 random actions each)."""
     import mujoco
 
@@ -184,9 +184,9 @@ def compiled_mujoco_model(xml_path):
 
 @functools.lru_cache(maxsize=None)
 def copying_env_class(env_class):
-    """env_class, building its simulation from a copy of a once-compiled MuJoCo model. Compiling the XML took
-    ~110 ms per env, 7-10x the rest of its construction, and evaluation builds one env per episode; the copies
-    give the same trajectories (tested)."""
+    """env_class, building its simulation from a copy of a once-compiled MuJoCo model. Compiling the XML is most of
+    an env's construction, and evaluation builds one env per episode; the copies give the same trajectories
+    (tested)."""
     import mujoco
 
     def _initialize_simulation(self):  # gymnasium's MujocoEnv._initialize_simulation, minus the compilation
@@ -493,8 +493,8 @@ def read_authors_file(path, name):
 
 # What the scripted expert does once the task is solved. The experts reach the goal and then move on and lose it
 # (success at the last step 0.49 vs 0.91 at any step on CW10), while the paper scores the last step and its SAC data
-# stay at the goal. No one rule keeps every task solved (README, Stage 1), so each task gets the rule that kept it
-# solved most often on calibration episodes:
+# stay at the goal. No one rule keeps every task solved (docs/stages.md, Stage 1), so each task gets the rule that
+# kept it solved most often on calibration episodes:
 #   hold    keep the hand where it was when solved, and the grip (a P-controller, the gain of metaworld's experts)
 #   stop    a zero move, keep the grip (the hand still catches up with its mocap target, often a few cm further)
 #   push    repeat the action that solved it (keeps pressing a handle that springs back)

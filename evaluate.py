@@ -60,7 +60,7 @@ class Args:
     """auto (cuda, else mps, else cpu), cpu, cuda or mps"""
     precision: str = "auto"
     """auto | bf16 | fp32: the model's arithmetic while acting; auto = bf16 autocast where the hardware has it, else
-    fp32 (bf16 took 0.45x the model time of fp32 here, with the same success on 200 paired episodes; README)"""
+    fp32 (faster, with the same success on paired episodes: docs/performance.md)"""
     backbone: str = ""
     """a fine-tuning run's pre-trained checkpoint, if it is no longer where the run found it (its hash is checked)"""
     bench: bool = False
@@ -139,7 +139,7 @@ _ENVS = {}  # (task, episode index) -> environment, built once per process and r
 
 
 def eval_env(name, i):
-    """Episode i's environment of a task. Building a Meta-World env costs ~100 ms (as much as ~400 steps), so a
+    """Episode i's environment of a task. Building a Meta-World env costs as much as hundreds of steps, so a
     fine-tuning run reuses them across its evaluations; reset(seed=...) makes a reused env equal a fresh one."""
     if (name, i) not in _ENVS:
         _ENVS[name, i] = make_env(name, seed=EVAL_SEED + i)
@@ -174,9 +174,9 @@ _WORKERS = []  # (process, connection) of the env workers started so far; they l
 
 def env_workers(n):
     """n env worker processes, started on first use and kept, so their envs too are reused across evaluations.
-    On Linux they are forked: ready in ~20 ms, where a fresh interpreter (spawn, elsewhere) spends ~1.6 s importing
-    torch before it builds an env. The stages start them before running any torch computation, so no thread pool of
-    torch's is forked half-way (the workers only ever step envs)."""
+    On Linux they are forked: ready at once, where a fresh interpreter (spawn, elsewhere) spends over a second
+    importing torch before it builds an env. The stages start them before running any torch computation, so no
+    thread pool of torch's is forked half-way (the workers only ever step envs)."""
     ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
     while len(_WORKERS) < n:
         here, there = ctx.Pipe()
@@ -419,7 +419,7 @@ def continual_metrics(success, reference=None):
     average = mean of the last row; forgetting = mean_j (S[j, j] - S[last, j]). With a reference success per task
     (e.g. the diagonal of an l2m-oracle run): gap_to_reference = mean_j (S[j, j] - ref_j), the end-of-task gap.
     It is not Continual World's forward transfer, which needs single-task runs' learning curves
-    (README deviation 11)."""
+    (docs/deviations.md, 11)."""
     S = np.asarray(success, dtype=float)
     if S.ndim != 2 or S.shape[0] != S.shape[1]:
         raise ValueError(f"the success matrix must be square (one row per learned task), got shape {S.shape}")

@@ -79,7 +79,7 @@ class Method:
 
     frozen: bool = False  # the pre-trained weights stay fixed: only `modules` train
     modules: str = ""  # what is attached: a pool kind of model.py (lora, ia3; L2P's pt, pv2, pret) or "adapter"
-    key_matched: bool = False  # L2M: entries chosen per sample by matching their keys to the query; keys pulled
+    key_matched: bool = False  # entries chosen per sample by matching their keys to the query; keys pulled (L2M, L2P)
     grouped: bool = False  # the pool split into one group per task; training is told the task's index
     told_task_id: bool = False  # evaluation is told the task id (an upper bound, not continual learning proper)
     infers_task: bool = False  # the task id inferred at evaluation from per-task query statistics (l2m-stats)
@@ -168,7 +168,7 @@ class Args:
     """packnet: share of a task's steps spent retraining the kept weights after pruning (our choice) (0, 1)"""
     frozen_dropout: bool = False
     """frozen-backbone methods: keep dropout on in the backbone (the authors' set_frozen_eval=False); off by
-    default, see README deviation 15"""
+    default, see docs/deviations.md, 15"""
     run_dir: str = ""
     """output directory; empty = <runs-root>/<method>-<tasks>-s<seed>"""
     runs_root: str = "runs"
@@ -378,7 +378,7 @@ def attach_method(model, args, n_tasks, device):
         model.owners = {n: torch.full_like(p, -1, dtype=torch.int8) for n, p in model.named_parameters() if p.dim() > 1}
     if not method.frozen:
         return None, None
-    for p in model.parameters():  # every pre-trained weight frozen, the action head included (the authors' freeze)
+    for p in model.parameters():  # L2M: the backbone frozen, every pre-trained weight, the action head included
         p.requires_grad_(False)
     if method.modules == "adapter":
         adapter_args = dict(reduction=args.adapter_reduction)
@@ -756,7 +756,7 @@ def main(args):
     # --- the sequence: train on each task, then evaluate every task and save -------------------------------
     for task_index in range(len(progress["success"]), len(sequence)):
         if model.pool is not None:
-            model.pool.start_task(task_index)  # L2M: refresh the count penalty
+            model.pool.start_task(task_index)  # L2M: the task switch refreshes the count penalty
         task_ids = torch.full((args.batch_size,), task_index, device=device) if method.grouped else None
         # A fresh optimizer per task: with Adam's moments carried over, the modulators of finished tasks would keep
         # moving on their momentum while the next task trains (zero gradient, non-zero update); fresh moments leave

@@ -89,7 +89,7 @@ class CausalSelfAttention(nn.Module):
         rows: None, or the (R,) indices of the only rows whose outputs are wanted -> (B, R, C); every row's keys and
         values are still computed."""
         B, T, C = x.shape
-        merged = mod is not None and "qkv" in mod  # L2M acting: each entry's LoRA folded into its weights
+        merged = mod is not None and "qkv" in mod  # speed-up (acting): each entry's LoRA folded into its weights
         qkv = grouped_linear(x, mod["qkv"], mod["qkv_bias"], mod["groups"]) if merged else self.qkv(x)
         q, k, v = qkv.split(C, dim=-1)  # (B, T, C) each
         if rows is not None:
@@ -114,7 +114,7 @@ class CausalSelfAttention(nn.Module):
         p = self.dropout if self.training else 0.0
         if q.device.type == "cuda":  # fused kernels
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)  # (B, H, T, C/H)
-        else:  # written out: on a CPU at our shapes, SDPA's kernels were 2-7x slower in bf16 (README, Performance)
+        else:  # written out: on a CPU at our shapes, SDPA's kernels were slower in bf16 (docs/performance.md)
             scores = (q @ k.transpose(-2, -1)).mul_(1.0 / math.sqrt(k.shape[-1]))  # (B, H, T, T_all)
             blocked = torch.zeros(attn_mask.shape, dtype=scores.dtype, device=scores.device)  # (B, 1, T, T_all)
             att = scores.add_(blocked.masked_fill_(~attn_mask, float("-inf"))).softmax(dim=-1)  # added: no backward
@@ -130,11 +130,11 @@ class MLP(nn.Module):
         self.dropout = cfg.dropout
 
     def forward(self, x, mod=None):
-        merged = mod is not None and "fc" in mod  # L2M acting: each entry's LoRA folded into its weights
+        merged = mod is not None and "fc" in mod  # speed-up (acting): each entry's LoRA folded into its weights
         u = grouped_linear(x, mod["fc"], mod["fc_bias"], mod["groups"]) if merged else self.fc(x)  # (B, T, 4C)
         if mod is not None and "mlp_a" in mod:  # L2M: low-rank residual on the pre-activations, u + s (u A) B (MLPIA3)
             a, a_bias, source = mod["mlp_a"], 0.0, u
-            if mod["select"] is not None and 3 * x[..., 0].numel() > u.shape[-1]:  # dense, more than 4C/3 rows:
+            if mod["select"] is not None and 3 * x[..., 0].numel() > u.shape[-1]:  # speed-up: dense, > 4C/3 rows:
                 # u A = x (W A) + b A reads the C-wide x instead of the 4C-wide u, forward and backward (those skinny
                 # matmuls were a fifth of an L2M training step); W A costs 4C^2 r once, and saves 3C r per row
                 a, a_bias, source = self.fc.weight.T @ a, self.fc.bias @ a, x
@@ -245,7 +245,7 @@ class DecisionTransformer(nn.Module):
         S = self.cfg.tokens_per_step
         state_tokens = tokens[:, ::S]  # (B, K, C): position 0 of every timestep
         m = step_mask.unsqueeze(-1).to(tokens.dtype)  # (B, K, 1)
-        return (state_tokens * m).sum(1) / m.sum(1).clamp(min=1.0)  # (B, C) L2M: the query
+        return (state_tokens * m).sum(1) / m.sum(1).clamp(min=1.0)  # L2M: the query (B, C)
 
     # --- forward -----------------------------------------------------------------------------------------
 
@@ -290,7 +290,7 @@ class DecisionTransformer(nn.Module):
         mods = routing = prompt = None
         if self.pool is not None:
             index, sim = self.pool.select(self.query(tokens, step_mask), task_ids)  # (B,) or (B, top_k), (B, P)
-            pull = sim.gather(1, index.view(len(index), -1)).sum(1).mean()  # L2M, L2P: pulls keys toward queries
+            pull = sim.gather(1, index.view(len(index), -1)).sum(1).mean()  # L2M: the key pull (L2P's too)
             routing = dict(index=index, sim=sim, pull=pull)
             if isinstance(self.pool, PromptPool):
                 chosen = self.pool.gather(index)  # (B, depth, N, C)
@@ -416,7 +416,7 @@ class DecisionTransformer(nn.Module):
 
     def configure_optimizer(self, lr, weight_decay, betas=(0.9, 0.999)):
         """AdamW with decay on Linear weights only (the authors' get_optim_groups); only trainable parameters.
-        The fused implementation: on a CPU its step over L2M's 1.5M pool parameters took 1.6 ms against 7.8 ms."""
+        The fused implementation: one kernel over the pool's many small tensors (docs/performance.md)."""
         linear_weights = {id(m.weight) for m in self.modules() if isinstance(m, nn.Linear)}
         params = [p for p in self.parameters() if p.requires_grad]
         groups = [
@@ -456,7 +456,7 @@ class KeyedPool(nn.Module):
         P = pool_size
         self.n_groups, self.top_k = n_groups, top_k
         self.tasks = TaskStatistics(n_groups, n_embd) if task_stats else None
-        self.keys = nn.Parameter(torch.empty(P, n_embd).uniform_(-1.0, 1.0))  # init_keys: uniform
+        self.keys = nn.Parameter(torch.empty(P, n_embd).uniform_(-1.0, 1.0))  # L2M: one key per entry (init_keys)
         self.register_buffer("counts", torch.zeros(P))  # running mean of the per-batch selection histogram
         self.register_buffer("n_batches", torch.zeros((), dtype=torch.long))
         self.register_buffer("inv_counts", torch.full((P,), 1.0 / P))
@@ -475,11 +475,11 @@ class KeyedPool(nn.Module):
     def select(self, query, task_ids=None):
         """query (B, C) -> entry index (B,) (top_k 1) or (B, top_k), cosine similarity to every key (B, P)."""
         with torch.autocast(query.device.type, enabled=False):  # fp32 even under bf16 autocast, as the authors
-            sim = F.normalize(query.float(), dim=-1) @ F.normalize(self.keys.float(), dim=-1).T  # (B, P) L2M: cosine
+            sim = F.normalize(query.float(), dim=-1) @ F.normalize(self.keys.float(), dim=-1).T  # L2M: cosine (B, P)
             score = sim
             if self.training and self.penalize:
-                score = (sim + 1.0) / 2.0 * self.inv_counts  # (B, P) L2M: count penalty
-        if self.n_groups > 0:  # L2M oracle: only the entries of the sample's own task group
+                score = (sim + 1.0) / 2.0 * self.inv_counts  # L2M: count penalty (B, P)
+        if self.n_groups > 0:  # oracle: only the entries of the sample's own task group
             group = torch.arange(self.size, device=sim.device) // (self.size // self.n_groups)  # (P,)
             score = score.masked_fill(group[None, :] != task_ids[:, None], float("-inf"))
         index = score.argmax(dim=-1) if self.top_k == 1 else score.topk(self.top_k, dim=-1).indices  # L2M: top-1
@@ -507,7 +507,7 @@ class ModulationPool(KeyedPool):
             self.k_scale = nn.Parameter(torch.ones(P, L, C))
             self.v_scale = nn.Parameter(torch.ones(P, L, C))
             self.mlp_scale = nn.Parameter(torch.ones(P, L, 4 * C))
-        else:  # A: per-matrix kaiming-uniform like loralib (bound 1/sqrt(fan_in)); B: zero, a fresh entry does nothing
+        else:  # L2M: the LoRA parameters; A kaiming-uniform (loralib), B zero: a fresh entry does nothing
             self.q_a = nn.Parameter(torch.empty(P, L, C, r).uniform_(-1.0, 1.0) / math.sqrt(C))
             self.v_a = nn.Parameter(torch.empty(P, L, C, r).uniform_(-1.0, 1.0) / math.sqrt(C))
             self.mlp_a = nn.Parameter(torch.empty(P, L, 4 * C, r).uniform_(-1.0, 1.0) / math.sqrt(4 * C))
@@ -523,7 +523,7 @@ class ModulationPool(KeyedPool):
         A training batch uses a few entries (U, often 1). Applying those U entries to the whole batch, one matmul each,
         and zeroing the columns of other samples' entries (select (B, U*r)) is exact and much cheaper on a CPU than B
         tiny per-sample matmuls, whose gathers copy one entry per sample forward and scatter it back in backward
-        (measured: README, Performance), even when many entries are in use, as in the first steps of the first task.
+        (docs/performance.md), even when many entries are in use, as in the first steps of the first task.
         Acting on many tasks at once without gradients, the dense form would waste U times the work, so there each
         sample gets its own matrices (B, in, r) / (B, r, out) and select is None."""
         L = self.n_layer
@@ -763,9 +763,8 @@ def resolve_device(name):
 def keep_freed_memory():
     """Tell glibc's malloc to keep freed memory instead of handing blocks of a few MB back to the OS: acting frees
     its activations after every pass, and glibc trimmed them, so the next pass faulted them in again page by page
-    (~16,000 page faults per CW10 acting step of 100 envs; with this, 75; its CPU time 274 -> 203 ms). Freed memory
-    stays reusable by this process (as PyTorch's caching allocator keeps it on a GPU). No-op where libc is not
-    glibc (macOS, Windows, musl)."""
+    (docs/performance.md). Freed memory stays reusable by this process (as PyTorch's caching allocator keeps it on
+    a GPU). No-op where libc is not glibc (macOS, Windows, musl)."""
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):

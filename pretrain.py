@@ -69,7 +69,7 @@ class Args:
     seed: int = 0
     """seed for initialization, sampling and dropout [>= 0]"""
     steps: int = 24000
-    """optimizer steps (the default takes ~24 min on 2 idle cores: ~60 ms/step) [>= 1]"""
+    """optimizer steps (times per machine: docs/performance.md) [>= 1]"""
     batch_size: int = 64
     """windows per step (per process); split evenly across domains [>= 1]"""
     lr: float = 1e-3
