@@ -37,6 +37,7 @@ import codecs
 import concurrent.futures
 import contextlib
 import copy
+import ctypes
 import dataclasses
 import fcntl
 import functools
@@ -488,64 +489,7 @@ def read_authors_file(path, name):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Collection (one task per worker process)
-
-
-# What the scripted expert does once the task is solved. The experts reach the goal and then move on and lose it
-# (success at the last step 0.49 vs 0.91 at any step on CW10), while the paper scores the last step and its SAC data
-# stay at the goal. No one rule keeps every task solved (docs/stages.md, Stage 1), so each task gets the rule that
-# kept it solved most often on calibration episodes:
-#   hold    keep the hand where it was when solved, and the grip (a P-controller, the gain of metaworld's experts)
-#   stop    a zero move, keep the grip (the hand still catches up with its mocap target, often a few cm further)
-#   push    repeat the action that solved it (keeps pressing a handle that springs back)
-#   seek    a zero move while solved, the expert if not      expert  the expert without noise
-#   none    the expert with noise, as before it was solved (the old data)
-HOLD_RULES = ("hold", "stop", "push", "seek", "expert")
-HOLD_CHOICES = ("auto", "none", *HOLD_RULES)
-HOLD_GAIN = 25.0  # the p of metaworld's scripted policies' move(); 5 and 10 kept fewer tasks solved
-
-
-@dataclass
-class Args:
-    tasks: str = "mt50"
-    """comma-separated task names and/or list names: cw10, mt40, mt50, dmc10, dmc6, dmc16"""
-    source: str = "auto"
-    """behaviour source: scripted | sac | auto (scripted for Meta-World, sac for DMControl) | authors (convert
-    the authors' released files in --authors-dir)"""
-    authors_dir: str = ""
-    """with --source authors: the folder holding the authors' downloaded files (searched recursively): Meta-World
-    <task>-v2.pkl replay buffers, DMControl <domain>_<task>.npz"""
-    episodes: int = None
-    """episodes recorded per task; for sac also its training budget (episodes x horizon env steps).
-    Default: scripted 100, sac 50 [>= 1]"""
-    noise_levels: str = "0,0.1,0.3,0.5"
-    """scripted: Gaussian action-noise stds, one drawn per episode"""
-    hold: str = "auto"
-    """scripted: what the expert does once the task is solved: auto (per task, the rule that keeps it solved most
-    often), hold, stop, push, seek, expert, or none"""
-    seed: int = 0
-    """base seed; each task's seed is derived from it and the task's name [>= 0]"""
-    data_dir: str = "data"
-    """output directory for <task>.npz"""
-    workers: int = os.cpu_count() or 1
-    """parallel worker processes, one task each [>= 1]"""
-    overwrite: bool = False
-    """rewrite existing files instead of skipping them"""
-    sac_warmup_steps: int = 5000
-    """uniform-random actions before learning starts [>= 0]"""
-    sac_utd: float = 1.0
-    """gradient updates per env step (update-to-data ratio) [> 0]"""
-    sac_hidden: int = 256
-    """width of the two hidden layers of actor and critics [>= 1]"""
-    sac_batch_size: int = 128
-    """minibatch size per update [>= 1]"""
-    sac_lr: float = 3e-4
-    """Adam learning rate of actor, critics and temperature [> 0]"""
-
-
-GROUPS = {"what to collect": "tasks", "output": "data_dir", "sac (DMControl)": "sac_warmup_steps"}
-SOURCES = ("auto", "scripted", "sac", "authors")
-CHOICES = {"source": SOURCES, "hold": HOLD_CHOICES}
+# Shared by every stage: the command line, atomic files, checkpoints, run locks, processes, device, figures
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -786,6 +730,143 @@ def load_checkpoint(path, kinds=("pretrain", "finetune"), map_location="cpu"):
     return ckpt
 
 
+def watch_parent(parent_pid, on_gone):
+    """Call on_gone() once `parent_pid` is no longer this process's parent (it ended, even by `kill -9` or the
+    machine's out-of-memory killer), checked every second by a daemon thread: a worker or a launched run never
+    outlives the command that started it."""
+
+    def watch():
+        while os.getppid() == parent_pid:
+            time.sleep(1.0)
+        on_gone()
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def resolve_device(name):
+    """'auto' -> cuda when present, else Apple's mps, else cpu (never a hard cuda default). A device this machine
+    lacks is a ValueError that says so."""
+    if name == "auto":
+        return torch.device(
+            "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+        )
+    kind = name.split(":")[0]  # cuda:1 -> cuda
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if kind not in available:
+        raise ValueError(f"unknown --device {name!r}: use auto, cpu, cuda or mps")
+    if not available[kind]:
+        raise ValueError(f"--device {name}: this machine's torch has no {kind} device (use auto or cpu)")
+    return torch.device(name)
+
+
+def keep_freed_memory():
+    """Tell glibc's malloc to keep freed memory instead of handing blocks of a few MB back to the OS: acting frees
+    its activations after every pass, and glibc trimmed them, so the next pass faulted them in again page by page
+    (docs/performance.md). Freed memory stays reusable by this process (as PyTorch's caching allocator keeps it on
+    a GPU). No-op where libc is not glibc (macOS, Windows, musl)."""
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # <malloc.h>
+    mallopt(M_MMAP_THRESHOLD, 32 << 20)  # blocks up to 32 MiB (glibc's maximum) come from the heap ...
+    mallopt(M_TRIM_THRESHOLD, 1 << 30)  # ... which is not trimmed until 1 GiB of it is free
+
+
+PRECISIONS = ("auto", "bf16", "fp32")  # the --precision choices of every stage
+
+
+def use_bf16(precision, device):
+    """precision 'auto' -> bf16 autocast where the hardware runs it fast (CUDA with bf16, CPUs with AVX-512 bf16)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+    if precision != "auto":
+        return precision == "bf16"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and torch.cpu._is_avx512_bf16_supported()
+
+
+def pyplot():
+    """matplotlib.pyplot, drawing to files only. Imported where figures are made, not with this module: a spawned
+    env worker (macOS, Windows) imports this module again, and pyplot was 0.5 s of its start."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path):
+    """Lay out, write atomically as a PNG, and free the figure."""
+    fig.tight_layout()
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    pyplot().close(fig)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Collection (one task per worker process)
+
+
+# What the scripted expert does once the task is solved. The experts reach the goal and then move on and lose it
+# (success at the last step 0.49 vs 0.91 at any step on CW10), while the paper scores the last step and its SAC data
+# stay at the goal. No one rule keeps every task solved (docs/stages.md, Stage 1), so each task gets the rule that
+# kept it solved most often on calibration episodes:
+#   hold    keep the hand where it was when solved, and the grip (a P-controller, the gain of metaworld's experts)
+#   stop    a zero move, keep the grip (the hand still catches up with its mocap target, often a few cm further)
+#   push    repeat the action that solved it (keeps pressing a handle that springs back)
+#   seek    a zero move while solved, the expert if not      expert  the expert without noise
+#   none    the expert with noise, as before it was solved (the old data)
+HOLD_RULES = ("hold", "stop", "push", "seek", "expert")
+HOLD_CHOICES = ("auto", "none", *HOLD_RULES)
+HOLD_GAIN = 25.0  # the p of metaworld's scripted policies' move(); 5 and 10 kept fewer tasks solved
+
+
+@dataclass
+class Args:
+    tasks: str = "mt50"
+    """comma-separated task names and/or list names: cw10, mt40, mt50, dmc10, dmc6, dmc16"""
+    source: str = "auto"
+    """behaviour source: scripted | sac | auto (scripted for Meta-World, sac for DMControl) | authors (convert
+    the authors' released files in --authors-dir)"""
+    authors_dir: str = ""
+    """with --source authors: the folder holding the authors' downloaded files (searched recursively): Meta-World
+    <task>-v2.pkl replay buffers, DMControl <domain>_<task>.npz"""
+    episodes: int = None
+    """episodes recorded per task; for sac also its training budget (episodes x horizon env steps).
+    Default: scripted 100, sac 50 [>= 1]"""
+    noise_levels: str = "0,0.1,0.3,0.5"
+    """scripted: Gaussian action-noise stds, one drawn per episode"""
+    hold: str = "auto"
+    """scripted: what the expert does once the task is solved: auto (per task, the rule that keeps it solved most
+    often), hold, stop, push, seek, expert, or none"""
+    seed: int = 0
+    """base seed; each task's seed is derived from it and the task's name [>= 0]"""
+    data_dir: str = "data"
+    """output directory for <task>.npz"""
+    workers: int = os.cpu_count() or 1
+    """parallel worker processes, one task each [>= 1]"""
+    overwrite: bool = False
+    """rewrite existing files instead of skipping them"""
+    sac_warmup_steps: int = 5000
+    """uniform-random actions before learning starts [>= 0]"""
+    sac_utd: float = 1.0
+    """gradient updates per env step (update-to-data ratio) [> 0]"""
+    sac_hidden: int = 256
+    """width of the two hidden layers of actor and critics [>= 1]"""
+    sac_batch_size: int = 128
+    """minibatch size per update [>= 1]"""
+    sac_lr: float = 3e-4
+    """Adam learning rate of actor, critics and temperature [> 0]"""
+
+
+GROUPS = {"what to collect": "tasks", "output": "data_dir", "sac (DMControl)": "sac_warmup_steps"}
+SOURCES = ("auto", "scripted", "sac", "authors")
+CHOICES = {"source": SOURCES, "hold": HOLD_CHOICES}
+
+
 def task_seed(seed, name):
     return 1000 * seed + ALL_TASKS.index(name)
 
@@ -898,19 +979,6 @@ def collect_sac(env, episodes, args, seed, rng, progress):
 
 
 PROGRESS = None  # in a worker process: the queue it reports its env steps to (set by start_worker)
-
-
-def watch_parent(parent_pid, on_gone):
-    """Call on_gone() once `parent_pid` is no longer this process's parent (it ended, even by `kill -9` or the
-    machine's out-of-memory killer), checked every second by a daemon thread: a worker or a launched run never
-    outlives the command that started it."""
-
-    def watch():
-        while os.getppid() == parent_pid:
-            time.sleep(1.0)
-        on_gone()
-
-    threading.Thread(target=watch, daemon=True).start()
 
 
 def start_worker(parent_pid, progress):

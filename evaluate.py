@@ -27,21 +27,26 @@ import numpy as np
 import torch
 
 from collect import (
-    atomic_write,
+    PRECISIONS,
     check_output,
     file_sha256,
     horizon,
     is_metaworld,
+    keep_freed_memory,
     load_checkpoint,
     lock_folder,
     make_env,
     parse_args,
+    pyplot,
+    resolve_device,
     resolve_tasks,
     run_stage,
+    save_figure,
+    use_bf16,
     watch_parent,
     write_text,
 )
-from model import PRECISIONS, ActionTokenizer, DecisionTransformer, keep_freed_memory, resolve_device, use_bf16
+from model import ActionTokenizer, DecisionTransformer
 
 EVAL_SEED = 10_000  # episode i of every task starts from reset(seed=EVAL_SEED + i): disjoint from collection seeds
 
@@ -736,41 +741,6 @@ def compare_runs(run_dirs, reference_dir="", allow_mixed=False):
                     + ("(normalized score)" if subset == "retaindmc5" else f"(last step), {retained[1]:.2f} (any step)")
                 )
     return "\n".join(lines + ["", "Commands:", *commands]) + "\n"
-
-
-def pyplot():
-    """matplotlib.pyplot, drawing to files only. Imported where figures are made, not with this module: a spawned
-    env worker (macOS, Windows) imports this module again, and pyplot was 0.5 s of its start."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def save_figure(fig, path):
-    """Lay out, write atomically as a PNG, and free the figure."""
-    fig.tight_layout()
-    with atomic_write(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    pyplot().close(fig)
-
-
-def plot_pretraining(metrics_path, png_path):
-    """Held-out action loss and accuracy (mean over tasks) against the step, from pretrain.py's metrics.jsonl."""
-    with open(metrics_path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    steps = [r["step"] for r in rows]
-    losses, accuracies = ([np.mean([m[i] for m in r["heldout"].values()]) for r in rows] for i in (0, 1))
-    plt = pyplot()
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(7, 2.8))
-    ax_loss.plot(steps, losses, marker="o", ms=3), ax_loss.set_ylabel("held-out action loss")
-    ax_acc.plot(steps, accuracies, marker="o", ms=3), ax_acc.set_ylabel("held-out action accuracy")
-    for ax in (ax_loss, ax_acc):
-        ax.set_xlabel("step")
-    fig.suptitle(f"pre-training: mean over {len(rows[0]['heldout'])} tasks' held-out episodes", fontsize=9)
-    save_figure(fig, png_path)
 
 
 def plot_run(run_dir, ckpt, metrics):

@@ -45,15 +45,19 @@ import torch
 from tqdm import tqdm
 
 from collect import (
+    PRECISIONS,
     check_output,
     fields_from,
     file_sha256,
+    keep_freed_memory,
     load_checkpoint,
     lock_folder,
     parse_args,
+    resolve_device,
     resolve_tasks,
     run_stage,
     save_atomic,
+    use_bf16,
     watch_parent,
 )
 from evaluate import (
@@ -64,7 +68,7 @@ from evaluate import (
     routing_accuracy,
     write_sequence_report,
 )
-from model import PRECISIONS, PROMPT_KINDS, action_loss, keep_freed_memory, make_pool, resolve_device, use_bf16
+from model import PROMPT_KINDS, action_loss, make_pool
 from pretrain import load_data, matmul_gflop, synchronize
 
 CURVE_EVERY = 50  # training steps averaged into one point of training_curves.png

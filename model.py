@@ -12,7 +12,6 @@ So the A outputs at positions 1..A of each timestep are the action predictions; 
 """
 
 import contextlib
-import ctypes
 import math
 from dataclasses import dataclass
 
@@ -738,51 +737,3 @@ def grouped_linear(x, weights, biases, groups):
     for (start, stop), weight, bias in zip(groups, weights, biases):
         torch.addmm(bias, x[start:stop].flatten(0, 1), weight, out=out[start:stop].flatten(0, 1))
     return out
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Device and precision
-
-
-def resolve_device(name):
-    """'auto' -> cuda when present, else Apple's mps, else cpu (never a hard cuda default). A device this machine
-    lacks is a ValueError that says so."""
-    if name == "auto":
-        return torch.device(
-            "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-        )
-    kind = name.split(":")[0]  # cuda:1 -> cuda
-    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
-    if kind not in available:
-        raise ValueError(f"unknown --device {name!r}: use auto, cpu, cuda or mps")
-    if not available[kind]:
-        raise ValueError(f"--device {name}: this machine's torch has no {kind} device (use auto or cpu)")
-    return torch.device(name)
-
-
-def keep_freed_memory():
-    """Tell glibc's malloc to keep freed memory instead of handing blocks of a few MB back to the OS: acting frees
-    its activations after every pass, and glibc trimmed them, so the next pass faulted them in again page by page
-    (docs/performance.md). Freed memory stays reusable by this process (as PyTorch's caching allocator keeps it on
-    a GPU). No-op where libc is not glibc (macOS, Windows, musl)."""
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # <malloc.h>
-    mallopt(M_MMAP_THRESHOLD, 32 << 20)  # blocks up to 32 MiB (glibc's maximum) come from the heap ...
-    mallopt(M_TRIM_THRESHOLD, 1 << 30)  # ... which is not trimmed until 1 GiB of it is free
-
-
-PRECISIONS = ("auto", "bf16", "fp32")  # the --precision choices of every stage
-
-
-def use_bf16(precision, device):
-    """precision 'auto' -> bf16 autocast where the hardware runs it fast (CUDA with bf16, CPUs with AVX-512 bf16)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
-    if precision != "auto":
-        return precision == "bf16"
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and torch.cpu._is_avx512_bf16_supported()

@@ -28,30 +28,26 @@ from tqdm import tqdm
 
 from collect import (
     DMC16,
+    PRECISIONS,
     check_output,
     env_dims,
     fields_from,
     is_metaworld,
+    keep_freed_memory,
     load_checkpoint,
     lock_folder,
     make_env,
     parse_args,
+    pyplot,
+    resolve_device,
     resolve_tasks,
     run_stage,
     save_atomic,
+    save_figure,
+    use_bf16,
     write_text,
 )
-from evaluate import plot_pretraining
-from model import (
-    PRECISIONS,
-    ActionTokenizer,
-    DecisionTransformer,
-    DTConfig,
-    action_loss,
-    keep_freed_memory,
-    resolve_device,
-    use_bf16,
-)
+from model import ActionTokenizer, DecisionTransformer, DTConfig, action_loss
 
 REWARD_SCALE = {"metaworld": 200.0, "dmcontrol": 100.0}  # rewards and returns-to-go are divided by these (authors)
 MAX_STATE_DIM = DTConfig.state_dim  # the authors' unified state space
@@ -629,6 +625,22 @@ def report(metrics, timed_steps, seconds, tokens_per_step, metrics_path, args):
     if os.path.exists(metrics_path):
         plot_pretraining(metrics_path, os.path.join(os.path.dirname(args.out) or ".", "curves.png"))
     print(f"wrote {args.out}" + (f" and {os.path.dirname(args.out) or '.'}/curves.png" if metrics else ""))
+
+
+def plot_pretraining(metrics_path, png_path):
+    """Held-out action loss and accuracy (mean over tasks) against the step, from pretrain.py's metrics.jsonl."""
+    with open(metrics_path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    steps = [r["step"] for r in rows]
+    losses, accuracies = ([np.mean([m[i] for m in r["heldout"].values()]) for r in rows] for i in (0, 1))
+    plt = pyplot()
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(7, 2.8))
+    ax_loss.plot(steps, losses, marker="o", ms=3), ax_loss.set_ylabel("held-out action loss")
+    ax_acc.plot(steps, accuracies, marker="o", ms=3), ax_acc.set_ylabel("held-out action accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.set_xlabel("step")
+    fig.suptitle(f"pre-training: mean over {len(rows[0]['heldout'])} tasks' held-out episodes", fontsize=9)
+    save_figure(fig, png_path)
 
 
 def main(args):

@@ -569,7 +569,7 @@ def test_freed_memory_is_kept_so_big_temporaries_do_not_fault_in_again():
         held = [torch.ones(2_000_000) for _ in range(8)]
         return sum(t[0] for t in held)
 
-    M.keep_freed_memory()
+    collect.keep_freed_memory()
     for _ in range(3):
         burst()
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
