@@ -80,9 +80,15 @@ class Args:
     allow_mixed: bool = False
     """with --compare: put runs of different task sequences or backbones in one table (each row then names its
     own); without it they are refused"""
+    scaling: str = ""
+    """quoted pattern of pretrain.py --branch-from folders, each with its retain10/ evaluation and any cw10-<method>/
+    runs ('runs/scale/d128/b*'): instead of evaluating, write one point file per folder to --out, and the curve of
+    every point there (scaling.md, scaling.png)"""
+    ms_per_step: float = 0.0
+    """with --scaling: the shape's step time (pretrain.py --bench), which turns steps into pre-training hours [>= 0]"""
 
 
-GROUPS = {"evaluate a checkpoint": "ckpt", "compare fine-tuning runs": "compare"}
+GROUPS = {"evaluate a checkpoint": "ckpt", "compare fine-tuning runs": "compare", "a scaling curve": "scaling"}
 
 
 def backbone_path(ckpt, ckpt_path, override=""):
@@ -841,25 +847,121 @@ def write_sequence_report(run_dir, ckpt):
     return report
 
 
+def write_comparison(args):
+    """--compare: the table of several fine-tuning runs, written to <out>/comparison.md."""
+    try:
+        check_output(args.out or "runs", "--out", is_dir=True)
+        patterns = [p for p in args.compare.split(",") if p]  # a quoted 'runs/*-cw10-s*' expands here
+        run_dirs = [d for p in patterns for d in sorted(glob.glob(p)) or [p]]  # no match: named in the error
+        table = compare_runs(run_dirs, args.reference, args.allow_mixed)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"evaluate.py: error: {e}")
+    out = args.out or "runs"
+    os.makedirs(out, exist_ok=True)
+    write_text(os.path.join(out, "comparison.md"), table)
+    print(table + f"wrote {out}/comparison.md")
+
+
+def scaling_point(branch, ms_per_step):
+    """One point of the pre-training curve from a pretrain.py folder: its budget (steps x ms_per_step), held-out
+    numbers at its last step, retain10 (its retain10/ evaluation) and the CW10 runs beside it (cw10-<method>/)."""
+    ckpt = load_checkpoint(os.path.join(branch, "ckpt.pt"), kinds=("pretrain",))
+    rows = [json.loads(line) for line in open(os.path.join(branch, "metrics.jsonl")) if line.strip()]
+    heldout = rows[-1]["heldout"]
+    if rows[-1]["step"] != ckpt["step"]:
+        raise ValueError(f"{branch}: metrics.jsonl ends at step {rows[-1]['step']}, the checkpoint at {ckpt['step']}")
+    retained = read_json(os.path.join(branch, "retain10", "results.json"))["results"]
+    targets = {t["name"]: t["target_return"] for t in ckpt["tasks"]}
+    cw10 = {}
+    for run in sorted(glob.glob(os.path.join(glob.escape(branch), "cw10-*", "results.json"))):
+        result = read_json(run)
+        cw10[result["method"]] = dict(success=result["metrics"]["average"], forgetting=result["metrics"]["forgetting"])
+    flags = {k: v for k, v in ckpt["args"].items() if k in ("n_layer", "n_head", "n_embd", "dropout", "batch_size")}
+    return dict(
+        folder=branch, steps=ckpt["step"], model=flags, params=sum(v.numel() for v in ckpt["model"].values()),
+        schedule=ckpt["args"].get("schedule"), branch_from=ckpt["args"].get("branch_from"),
+        ms_per_step=ms_per_step, hours=ckpt["step"] * ms_per_step / 3.6e6,
+        heldout_loss=float(np.mean([v[0] for v in heldout.values()])),
+        heldout_acc=float(np.mean([v[1] for v in heldout.values()])),
+        retain10=float(np.mean([t["success"] for t in retained])),
+        retain10_any=float(np.mean([t["success_any"] for t in retained])),
+        retain10_normalized_return=float(np.mean([t["mean_return"] / targets[t["task"]] for t in retained])),
+        cw10=cw10,
+    )  # fmt: skip
+
+
+def write_scaling(args):
+    """--scaling: a point file per pretrain.py folder, then the table and figure of every point in --out."""
+    out = args.out or "results/scaling"
+    try:
+        check_output(out, "--out", is_dir=True)
+        branches = sorted(glob.glob(args.scaling))
+        if not branches or not args.ms_per_step:
+            raise ValueError(f"--scaling {args.scaling!r} matched no folder, or --ms-per-step was not given")
+        points = [scaling_point(branch, args.ms_per_step) for branch in branches]
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        sys.exit(f"evaluate.py: error: {e}")
+    os.makedirs(out, exist_ok=True)
+    for point in points:
+        name = f"d{point['model']['n_embd']}x{point['model']['n_layer']}-{point['steps']}.json"
+        write_text(os.path.join(out, name), json.dumps(point, indent=1) + "\n")
+    points = [read_json(p) for p in sorted(glob.glob(os.path.join(glob.escape(out), "*.json")))]
+    points.sort(key=lambda p: (p["hours"], p["params"]))
+    table = scaling_table(points)
+    write_text(os.path.join(out, "scaling.md"), table)
+    plot_scaling(points, os.path.join(out, "scaling.png"))
+    print(table + f"wrote {len(branches)} point(s), scaling.md and scaling.png to {out}")
+
+
+def scaling_table(points):
+    """The curve as a markdown table, one row per point, in order of pre-training time."""
+    lines = [
+        "| pre-training hours (2 cores, fp32) | model | steps × batch | held-out loss / acc | retain10 last step (any) "
+        "| CW10 l2m | CW10 l2m-oracle |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for p in points:
+        m, cw10 = p["model"], p["cw10"]
+        cells = [f"{cw10[k]['success']:.2f}" if k in cw10 else "–" for k in ("l2m", "l2m-oracle")]
+        lines.append(
+            f"| {p['hours']:.2f} | {m['n_layer']} × {m['n_embd']} ({p['params'] / 1e6:.2f}M) | {p['steps']:,} × "
+            f"{m['batch_size']} | {p['heldout_loss']:.3f} / {p['heldout_acc']:.3f} | {p['retain10']:.2f} "
+            f"({p['retain10_any']:.2f}) | " + " | ".join(cells) + " |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot_scaling(points, path):
+    """Success at the last step against pre-training hours (log axis), one line per shape and measure, with the
+    paper's CW10 numbers as horizontal lines."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for shape in sorted({(p["model"]["n_layer"], p["model"]["n_embd"]) for p in points}):
+        mine = [p for p in points if (p["model"]["n_layer"], p["model"]["n_embd"]) == shape]
+        label = f"{shape[0]}×{shape[1]}"
+        ax.plot([p["hours"] for p in mine], [p["retain10"] for p in mine], marker="o", label=f"retain10, {label}")
+        for method in ("l2m", "l2m-oracle", "ft"):
+            have = [p for p in mine if method in p["cw10"]]
+            if have:
+                hours, success = [p["hours"] for p in have], [p["cw10"][method]["success"] for p in have]
+                ax.plot(hours, success, marker="s", ls="--", label=f"CW10 {method}, {label}")
+    for method, value in (("l2m", PAPER_CW10_SUCCESS["l2m"]), ("l2m-oracle", PAPER_CW10_SUCCESS["l2m-oracle"])):
+        ax.axhline(value, color="grey", lw=0.8, ls=":")
+        ax.text(min(p["hours"] for p in points), value + 0.01, f"paper {method} {value}", fontsize=6, color="grey")
+    ax.set_xscale("log"), ax.set_ylim(-0.02, 1.0)
+    ax.set_xlabel("pre-training hours on 2 CPU cores (fp32)"), ax.set_ylabel("success at the last step")
+    ax.legend(fontsize=6, loc="upper left")
+    save_figure(fig, path)
+
+
 def main(args):
     try:
         device = resolve_device(args.device)
     except ValueError as e:
         sys.exit(f"evaluate.py: error: {e}")
     keep_freed_memory()
-    if args.compare:
-        try:
-            check_output(args.out or "runs", "--out", is_dir=True)
-            patterns = [p for p in args.compare.split(",") if p]  # a quoted 'runs/*-cw10-s*' expands here
-            run_dirs = [d for p in patterns for d in sorted(glob.glob(p)) or [p]]  # no match: named in the error
-            table = compare_runs(run_dirs, args.reference, args.allow_mixed)
-        except (ValueError, FileNotFoundError) as e:
-            sys.exit(f"evaluate.py: error: {e}")
-        out = args.out or "runs"
-        os.makedirs(out, exist_ok=True)
-        write_text(os.path.join(out, "comparison.md"), table)
-        print(table + f"wrote {out}/comparison.md")
-        return
+    if args.compare or args.scaling:
+        return (write_comparison if args.compare else write_scaling)(args)
     try:
         out = args.out or os.path.join(os.path.dirname(args.ckpt) or ".", "eval")
         check_output(out, "--out", is_dir=True)

@@ -1036,6 +1036,25 @@ def test_resume_equals_an_uninterrupted_run(fake_data, monkeypatch):
         assert torch.equal(v, resumed["model"][k]), k
 
 
+def test_a_scaling_point_reads_its_budget_heldout_retention_and_cw10_runs(fake_data, capsys):
+    branch = fake_data / "scale" / "b6"
+    pretrain.main(pretrain_args(fake_data, out=str(branch / "ckpt.pt")))
+    tasks = [dict(task=n, success=s, success_any=1.0, mean_return=10.0) for n, s in (("reach-v3", 0.5), ("push-v3", 0))]
+    (branch / "retain10").mkdir(), (branch / "cw10-l2m-oracle").mkdir()
+    collect.write_text(str(branch / "retain10" / "results.json"), json.dumps(dict(results=tasks)))
+    run = dict(method="l2m-oracle", metrics=dict(average=0.4, forgetting=0.0))
+    collect.write_text(str(branch / "cw10-l2m-oracle" / "results.json"), json.dumps(run))
+    out = fake_data / "points"
+    evaluate.cli(["--scaling", str(fake_data / "scale" / "b*"), "--ms-per-step", "600", "--out", str(out)])
+    point = json.loads((out / "d32x2-6.json").read_text())
+    assert point["hours"] == pytest.approx(6 * 0.6 / 3600) and point["retain10"] == 0.25
+    assert point["cw10"] == {"l2m-oracle": dict(success=0.4, forgetting=0.0)} and (out / "scaling.png").exists()
+    assert "| 2 × 32 (" in capsys.readouterr().out and "| 0.25 (1.00) | – | 0.40 |" in (out / "scaling.md").read_text()
+    assert "matched no folder" in refuses(
+        evaluate, ["--scaling", str(fake_data / "none*"), "--ms-per-step", "1"], capsys
+    )
+
+
 @pytest.mark.slow
 def test_a_kill_between_evaluation_and_save_logs_each_evaluation_once(fake_data, monkeypatch):
     pretrain.main(pretrain_args(fake_data, out=str(fake_data / "a" / "ckpt.pt")))
@@ -2217,6 +2236,15 @@ def test_the_readme_results_tables_regenerate_from_the_result_files(folder, refe
     assert len(runs) >= n_runs and len(rows) >= n_rows and not missing, (
         f"the tables of README.md and docs/results.md differ from results/{folder}: {missing}"
     )
+
+
+def test_the_scaling_table_regenerates_from_its_point_files():
+    points = [json.load(open(p)) for p in glob.glob(os.path.join(HERE, "results", "scaling", "*.json"))]
+    points.sort(key=lambda p: (p["hours"], p["params"]))
+    table = evaluate.scaling_table(points)
+    pages = open(os.path.join(HERE, "docs", "results.md")).read()
+    assert len(points) >= 6 and table == open(os.path.join(HERE, "results", "scaling", "scaling.md")).read()
+    assert all(line in pages for line in table.splitlines()), "docs/results.md's scaling table is out of date"
 
 
 def test_the_readme_headline_table_is_the_cw10_table_in_brief():
