@@ -504,7 +504,7 @@ def sequence_report(ckpt):
         f"## {metric[0].upper() + metric[1:]} (row: after "
         + (
             "each 1/N of the training on all tasks (multitask); forgetting means nothing here"
-            if ckpt["method"] == "multitask"
+            if trains_all_tasks_at_once(ckpt)
             else "learning that task"
         )
         + "; column: evaluated task)",
@@ -615,15 +615,21 @@ def check_comparable(runs):
             )
 
 
+def trains_all_tasks_at_once(run):
+    """Whether a fine-tuning run's method trains on every task of the sequence at once (multitask): its success
+    matrix's rows are stages, not tasks (finetune.METHODS)."""
+    from finetune import METHODS  # here, not at the top: finetune.py imports this module
+
+    return METHODS[run["method"]].batches == "all"
+
+
 def run_row(run_dir, run, reference):
     """One run's numbers for the table: Continual-World metrics (reference: the oracle's end-of-task success, for
     the gap), retention, size, time, and per task the success right after learning it and after the last task."""
-    from finetune import METHODS  # here, not at the top: finetune.py imports this module
-
     metrics = continual_metrics(run["success"], reference)
     retained = retention(run_dir) or (None, None)
     retained_dmc = retention(run_dir, "retaindmc5") or (None, None)
-    by_stage = METHODS[run["method"]].batches == "all"  # multitask: its rows are stages, not tasks
+    by_stage = trains_all_tasks_at_once(run)  # multitask: its rows are stages, not tasks
     return dict(
         average=metrics["average"],
         average_any=continual_metrics(run["success_any"])["average"],
