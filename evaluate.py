@@ -955,6 +955,9 @@ def plot_scaling(points, path):
         ax.axhline(value, color="grey", lw=0.8, ls=":")
         ax.text(min(p["hours"] for p in points), value + 0.01, f"paper {method} {value}", fontsize=6, color="grey")
     ax.set_xscale("log"), ax.set_ylim(-0.02, 1.0)
+    ticks = sorted({round(p["hours"] * 8) / 8 or p["hours"] for p in points})  # eighths of an hour
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks], fontsize=7)
+    ax.minorticks_off()
     ax.set_xlabel("pre-training hours on 2 CPU cores (fp32)"), ax.set_ylabel("success at the last step")
     ax.legend(fontsize=6, loc="upper left")
     save_figure(fig, path)
