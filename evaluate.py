@@ -124,14 +124,11 @@ def build_model(ckpt, device, base=None):
     return DecisionTransformer.from_checkpoint(ckpt).to(device)
 
 
-def told_task_id(ckpt):
-    """Whether a fine-tuning run's method is told the task id at evaluation (finetune.METHODS, stored in the
-    checkpoint; a checkpoint from before that: PackNet's weight owners, or a pool of per-task groups without
-    task inference, i.e. l2m-oracle)."""
-    if "told_task_id" in ckpt:
-        return ckpt["told_task_id"]
-    pool = ckpt.get("pool_args") or {}
-    return ckpt.get("owners") is not None or (pool.get("n_groups", 0) > 0 and not pool.get("task_stats"))
+def method_row(run):
+    """A fine-tuning run's (checkpoint's or results.json's) row of finetune.METHODS: how it trains and is evaluated."""
+    from finetune import METHODS  # here, not at the top: finetune.py imports this module
+
+    return METHODS[run["method"]]
 
 
 def known_tasks(ckpt, base=None):
@@ -142,7 +139,7 @@ def known_tasks(ckpt, base=None):
         return {t["name"]: t for t in ckpt["tasks"]}, {}
     base = base or load_backbone(ckpt, ckpt["pretrained"]["path"])
     tasks = {**{t["name"]: t for t in base["tasks"]}, **{t["name"]: t for t in ckpt["tasks"]}}
-    oracle = {t["name"]: i for i, t in enumerate(ckpt["tasks"])} if told_task_id(ckpt) else {}
+    oracle = {t["name"]: i for i, t in enumerate(ckpt["tasks"])} if method_row(ckpt).told_task_id else {}
     return tasks, oracle
 
 
@@ -504,7 +501,7 @@ def sequence_report(ckpt):
         f"## {metric[0].upper() + metric[1:]} (row: after "
         + (
             "each 1/N of the training on all tasks (multitask); forgetting means nothing here"
-            if trains_all_tasks_at_once(ckpt)
+            if method_row(ckpt).batches == "all"
             else "learning that task"
         )
         + "; column: evaluated task)",
@@ -523,7 +520,7 @@ def sequence_report(ckpt):
             "",
             routing_table(final),
         ]
-    if ckpt["pool_args"] is not None and ckpt["pool_args"]["pool_size"] > 1 and not told_task_id(ckpt):
+    if ckpt["pool_args"] is not None and ckpt["pool_args"]["pool_size"] > 1 and not method_row(ckpt).told_task_id:
         inferred = "inferred" in final[0]
         text += [
             "",
@@ -615,21 +612,13 @@ def check_comparable(runs):
             )
 
 
-def trains_all_tasks_at_once(run):
-    """Whether a fine-tuning run's method trains on every task of the sequence at once (multitask): its success
-    matrix's rows are stages, not tasks (finetune.METHODS)."""
-    from finetune import METHODS  # here, not at the top: finetune.py imports this module
-
-    return METHODS[run["method"]].batches == "all"
-
-
 def run_row(run_dir, run, reference):
     """One run's numbers for the table: Continual-World metrics (reference: the oracle's end-of-task success, for
     the gap), retention, size, time, and per task the success right after learning it and after the last task."""
     metrics = continual_metrics(run["success"], reference)
     retained = retention(run_dir) or (None, None)
     retained_dmc = retention(run_dir, "retaindmc5") or (None, None)
-    by_stage = trains_all_tasks_at_once(run)  # multitask: its rows are stages, not tasks
+    by_stage = method_row(run).batches == "all"  # multitask: its rows are stages, not tasks
     return dict(
         average=metrics["average"],
         average_any=continual_metrics(run["success_any"])["average"],
@@ -872,7 +861,8 @@ def scaling_point(branch, ms_per_step):
     """One point of the pre-training curve from a pretrain.py folder: its budget (steps x ms_per_step), held-out
     numbers at its last step, retain10 (its retain10/ evaluation) and the CW10 runs beside it (cw10-<method>/)."""
     ckpt = load_checkpoint(os.path.join(branch, "ckpt.pt"), kinds=("pretrain",))
-    rows = [json.loads(line) for line in open(os.path.join(branch, "metrics.jsonl")) if line.strip()]
+    with open(os.path.join(branch, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
     heldout = rows[-1]["heldout"]
     if rows[-1]["step"] != ckpt["step"]:
         raise ValueError(f"{branch}: metrics.jsonl ends at step {rows[-1]['step']}, the checkpoint at {ckpt['step']}")
@@ -969,6 +959,8 @@ def main(args):
     except ValueError as e:
         sys.exit(f"evaluate.py: error: {e}")
     keep_freed_memory()
+    if args.compare and args.scaling:
+        sys.exit("evaluate.py: error: --compare and --scaling are two modes: give one")
     if args.compare or args.scaling:
         return (write_comparison if args.compare else write_scaling)(args)
     try:

@@ -700,7 +700,7 @@ def run_record(args, method, pretrained, sequence, pool_args, adapter_args, mode
     """What every checkpoint of a run repeats: its method and settings, the model's shape and the pre-trained file
     it modulates (identified by its hash: evaluate.py checks it)."""
     return dict(
-        kind="finetune", method=args.method, told_task_id=method.told_task_id, args=asdict(args),
+        kind="finetune", method=args.method, args=asdict(args),
         command=command_line(args), tasks=sequence,
         setting={k: v for k, v in asdict(args).items() if k not in RUN_CONTROL | {"seed"}},  # seeds share one
         model_args=pretrained["model_args"], pool_args=pool_args, adapter_args=adapter_args,

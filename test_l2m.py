@@ -1977,6 +1977,7 @@ def bad_inputs(tmp_path_factory):
         ("evaluate", ["--ckpt", "FILE"], "not a readable checkpoint"),
         ("evaluate", ["--compare", "TMP"], "is TMP a finished finetune.py run?"),
         ("evaluate", ["--compare", "TMP", "--out", "FILE"], "--out 'FILE' is a file"),
+        ("evaluate", ["--compare", "TMP", "--scaling", "TMP"], "--compare and --scaling are two modes"),
         ("evaluate", ["--compare", "TMP/runs/*-s*"], "is TMP/runs/*-s* a finished finetune.py run?"),
         ("collect", ["--workers", "0"], "--workers 0 is out of range: it must be >= 1"),
         ("collect", ["--sac-utd", "0"], "--sac-utd 0.0 is out of range: it must be > 0"),
@@ -2260,13 +2261,12 @@ def test_the_readme_headline_table_is_the_cw10_table_in_brief():
 
 
 @pytest.mark.parametrize("method", finetune.METHODS)
-def test_a_checkpoint_from_before_the_methods_table_is_evaluated_as_its_method_says(method):
-    """evaluate.py reads told_task_id from the checkpoint; older checkpoints lack it and must get the same answer."""
-    net = tiny_model()
-    args = finetune.Args(method=method, pool_size=4, prompt_pool_size=4, prompt_top_k=2)
-    pool_args, _ = finetune.attach_method(net, args, n_tasks=2, device=torch.device("cpu"))
-    old_checkpoint = dict(kind="finetune", method=method, pool_args=pool_args, owners=net.owners)
-    assert evaluate.told_task_id(old_checkpoint) == finetune.METHODS[method].told_task_id
+def test_evaluation_tells_the_task_id_to_the_methods_whose_row_says_so(method):
+    base = dict(tasks=[dict(name="reach-v3")])
+    run = dict(kind="finetune", method=method, tasks=[dict(name="push-v3"), dict(name="window-close-v3")])
+    known, oracle_ids = evaluate.known_tasks(run, base)
+    assert set(known) == {"reach-v3", "push-v3", "window-close-v3"}
+    assert oracle_ids == ({"push-v3": 0, "window-close-v3": 1} if method in ("l2m-oracle", "packnet") else {})
 
 
 def test_links_between_the_readme_and_docs_resolve():
