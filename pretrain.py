@@ -8,6 +8,7 @@ Examples:
   python pretrain.py                                  # MT40, CPU-sized defaults (~30 min on 2 cores)
   python pretrain.py --tasks mt40,dmc10               # the paper's multi-domain run (needs collect.py --tasks dmc10)
   python pretrain.py --resume                         # continue an interrupted run
+  python pretrain.py --export backbone.pt             # the finished run's weights alone, for fine-tuning
   torchrun --nproc_per_node 2 pretrain.py ...         # data-parallel (NCCL on GPUs, gloo on CPU)
 """
 
@@ -27,11 +28,13 @@ from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 from collect import (
+    CHECKPOINT_KEYS,
     DMC16,
     PRECISIONS,
     check_output,
     env_dims,
     fields_from,
+    file_sha256,
     is_metaworld,
     keep_freed_memory,
     load_checkpoint,
@@ -120,6 +123,9 @@ class Args:
     """replace the run at --out (its checkpoint and metrics.jsonl)"""
     bench: int = 0
     """time N training steps (after 3 warm-up steps): ms/step, tokens/s, matmul GFLOP per step; writes nothing [>= 0]"""
+    export: str = ""
+    """write the finished run at --out as a backbone to this path and exit: weights, config and task table, without
+    the optimizer and RNG state that only resuming needs (what fine-tuning reads, a third of the size)"""
 
 
 GROUPS = {"data": "preset", "optimization": "steps", "model": "n_layer", "run control": "out"}
@@ -385,6 +391,29 @@ def differing_settings(ckpt, args, what, also_allowed=()):
     ]
 
 
+def check_trainable(ckpt, path):
+    """An exported backbone has no optimizer or RNG state: training cannot continue from it."""
+    if "optimizer" not in ckpt:
+        raise ValueError(
+            f"{path} holds weights only (an exported backbone); resume or branch from its run's checkpoint"
+        )
+
+
+def export_backbone(run_path, dest, overwrite):
+    """--export: the finished run at run_path as a backbone file at dest (weights, config, task table, step, args).
+    The optimizer's two moments are twice the weights' size and only resuming reads them; so does the RNG state."""
+    ckpt = load_checkpoint(run_path, kinds=("pretrain",))
+    if ckpt["step"] != ckpt["args"]["steps"]:
+        raise ValueError(
+            f"{run_path} is at step {ckpt['step']} of {ckpt['args']['steps']}: finish it (--resume) before exporting"
+        )
+    check_output(dest, "--export", is_dir=False)
+    if os.path.exists(dest) and not overwrite:
+        raise ValueError(f"{dest} exists: --overwrite replaces it, or --export another path")
+    save_atomic({key: ckpt[key] for key in CHECKPOINT_KEYS["pretrain"]}, dest)
+    print(f"{dest}: {os.path.getsize(dest) / 2**20:.1f} MiB, step {ckpt['step']}, sha256 {file_sha256(dest)}")
+
+
 def check_branch(source, args):
     """Refuse a --branch-from snapshot that this run would not have passed through itself: another setting than
     --steps (and run control), not a wsd run, or a step past its own or this run's constant-lr phase."""
@@ -481,6 +510,7 @@ def check_run(args, device, world_size, is_main):
         print(f"no checkpoint at {args.out} yet: starting a new run")
     if args.resume and os.path.exists(args.out):
         ckpt, origin = load_checkpoint(args.out, kinds=("pretrain",)), "resuming"
+        check_trainable(ckpt, args.out)
         differs = differing_settings(ckpt, args, "checkpoint")
         if ckpt.get("world_size", 1) != world_size:
             differs.append(f"{ckpt.get('world_size', 1)} processes (checkpoint) vs {world_size} (now)")
@@ -488,6 +518,7 @@ def check_run(args, device, world_size, is_main):
             raise ValueError(f"cannot resume {args.out}: it was made with other settings: {'; '.join(differs)}")
     elif args.branch_from:
         ckpt, origin = load_checkpoint(args.branch_from, kinds=("pretrain",)), f"branching from {args.branch_from}"
+        check_trainable(ckpt, args.branch_from)
         check_branch(ckpt, args)
         if ckpt.get("world_size", 1) != world_size:
             raise ValueError(f"{args.branch_from} was made by {ckpt.get('world_size', 1)} processes, not {world_size}")
@@ -646,6 +677,8 @@ def plot_pretraining(metrics_path, png_path):
 def main(args):
     # --- setup: check everything, load the data, build or restore the model ---------------------------------
     try:
+        if args.export:
+            return export_backbone(args.out, args.export, args.overwrite)
         device, world_size, rank = start_processes(args)
         is_main = rank == 0
         names, act_dim, bf16, snapshots, ckpt, origin = check_run(args, device, world_size, is_main)

@@ -1036,6 +1036,27 @@ def test_resume_equals_an_uninterrupted_run(fake_data, monkeypatch):
         assert torch.equal(v, resumed["model"][k]), k
 
 
+def test_an_exported_backbone_is_the_run_without_its_training_state(fake_data, capsys):
+    run = fake_data / "a" / "ckpt.pt"
+    pretrain.main(pretrain_args(fake_data, out=str(run)))
+    dest = fake_data / "shipped" / "backbone.pt"
+    pretrain.cli(["--out", str(run), "--export", str(dest)])
+    assert f"sha256 {collect.file_sha256(str(dest))}" in capsys.readouterr().out
+    full, exported = (torch.load(p, weights_only=True) for p in (run, dest))
+    assert set(exported) == collect.CHECKPOINT_KEYS["pretrain"] and dest.stat().st_size < run.stat().st_size / 2
+    built = [evaluate.build_model(c, torch.device("cpu")).state_dict() for c in (full, exported)]
+    assert built[0].keys() == built[1].keys() and all(torch.equal(built[0][k], built[1][k]) for k in built[0])
+    # training cannot continue from it, a second export does not replace it, an unfinished run is not exported
+    argv = [f"--{k.replace('_', '-')}={v}" for k, v in asdict(pretrain_args(fake_data)).items() if k != "out"]
+    argv = [a for a in argv if not a.startswith(("--resume", "--overwrite", "--branch-from", "--export"))]
+    assert "holds weights only" in refuses(pretrain, argv + ["--out", str(dest), "--resume"], capsys)
+    assert "exists: --overwrite replaces it" in refuses(pretrain, ["--out", str(run), "--export", str(dest)], capsys)
+    unfinished = fake_data / "b" / "ckpt.pt"  # as a run of 6 steps stopped at step 3 leaves it
+    collect.save_atomic({**full, "step": 3}, str(unfinished))
+    argv = ["--out", str(unfinished), "--export", str(fake_data / "b.pt")]
+    assert "at step 3 of 6: finish it" in refuses(pretrain, argv, capsys) and not (fake_data / "b.pt").exists()
+
+
 def test_a_scaling_point_reads_its_budget_heldout_retention_and_cw10_runs(fake_data, capsys):
     branch = fake_data / "scale" / "b6"
     pretrain.main(pretrain_args(fake_data, out=str(branch / "ckpt.pt")))
