@@ -913,12 +913,12 @@ def scaling_table(points):
     """The curve as a markdown table, one row per point, in order of pre-training time."""
     lines = [
         "| pre-training hours (2 cores, fp32) | model | steps × batch | held-out loss / acc | retain10 last step (any) "
-        "| CW10 l2m | CW10 l2m-oracle |",
-        "|---|---|---|---|---|---|---|",
+        "| CW10 l2m | CW10 l2m-oracle | CW10 ft |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for p in points:
         m, cw10 = p["model"], p["cw10"]
-        cells = [f"{cw10[k]['success']:.2f}" if k in cw10 else "–" for k in ("l2m", "l2m-oracle")]
+        cells = [f"{cw10[k]['success']:.2f}" if k in cw10 else "–" for k in ("l2m", "l2m-oracle", "ft")]
         lines.append(
             f"| {p['hours']:.2f} | {m['n_layer']} × {m['n_embd']} ({p['params'] / 1e6:.2f}M) | {p['steps']:,} × "
             f"{m['batch_size']} | {p['heldout_loss']:.3f} / {p['heldout_acc']:.3f} | {p['retain10']:.2f} "
