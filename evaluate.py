@@ -19,6 +19,7 @@ import glob
 import json
 import multiprocessing
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -167,7 +168,11 @@ def step_envs(specs, actions):
 
 def env_worker(conn, parent_pid):
     """A process that holds envs for evaluations: runs each (function, args) it receives, answers with the result
-    (or the exception it raised); it ends with the process that started it."""
+    (or the exception it raised); it ends with the process that started it. A forked worker inherits its parent's
+    signal handlers: the defaults come back, so the SIGTERM that ends a worker at exit does not run the parent's
+    handler (a finished run's log once ended in "stopped by SIGTERM"), and Ctrl-C is the parent's to handle."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     watch_parent(parent_pid, lambda: os._exit(1))
     while True:
         function, args = conn.recv()

@@ -1070,7 +1070,9 @@ def test_a_scaling_point_reads_its_budget_heldout_retention_and_cw10_runs(fake_d
     point = json.loads((out / "d32x2-6.json").read_text())
     assert point["hours"] == pytest.approx(6 * 0.6 / 3600) and point["retain10"] == 0.25
     assert point["cw10"] == {"l2m-oracle": dict(success=0.4, forgetting=0.0)} and (out / "scaling.png").exists()
-    assert "| 2 × 32 (" in capsys.readouterr().out and "| 0.25 (1.00) | – | 0.40 | – |" in (out / "scaling.md").read_text()
+    assert (
+        "| 2 × 32 (" in capsys.readouterr().out and "| 0.25 (1.00) | – | 0.40 | – |" in (out / "scaling.md").read_text()
+    )
     assert "matched no folder" in refuses(
         evaluate, ["--scaling", str(fake_data / "none*"), "--ms-per-step", "1"], capsys
     )
@@ -1505,6 +1507,16 @@ def pipeline(tmp_path_factory):
         "1",
     )
     return root
+
+
+def test_env_workers_do_not_run_their_parents_stop_handler_when_they_end():
+    """A finished fine-tuning run's log ended in "stopped by SIGTERM": its forked env workers ran its handler."""
+    code = (
+        "import signal, sys, evaluate; signal.signal(signal.SIGTERM, lambda s, f: sys.exit('stopped by SIGTERM')); "
+        "evaluate.env_workers(2); print('done')"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, timeout=120)
+    assert (result.returncode, result.stdout, result.stderr) == (0, "done\n", ""), result
 
 
 @pytest.mark.slow
