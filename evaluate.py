@@ -904,8 +904,15 @@ def write_scaling(args):
         sys.exit(f"evaluate.py: error: {e}")
     os.makedirs(out, exist_ok=True)
     for point in points:
-        name = f"d{point['model']['n_embd']}x{point['model']['n_layer']}-{point['steps']}.json"
-        write_text(os.path.join(out, name), json.dumps(point, indent=1) + "\n")
+        stem = f"d{point['model']['n_embd']}x{point['model']['n_layer']}-{point['steps']}"
+        write_text(os.path.join(out, stem + ".json"), json.dumps(point, indent=1) + "\n")
+        for run in glob.glob(os.path.join(glob.escape(point["folder"]), "cw10-*", "")):  # each CW10 run's record
+            copy = os.path.join(out, stem, os.path.basename(os.path.dirname(run)))
+            os.makedirs(copy, exist_ok=True)
+            for name in ("results.json", "results.md"):
+                if os.path.isfile(run + name):
+                    with open(run + name) as f:
+                        write_text(os.path.join(copy, name), f.read())
     points = [read_json(p) for p in sorted(glob.glob(os.path.join(glob.escape(out), "*.json")))]
     points.sort(key=lambda p: (p["hours"], p["params"]))
     table = scaling_table(points)

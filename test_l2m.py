@@ -1070,6 +1070,7 @@ def test_a_scaling_point_reads_its_budget_heldout_retention_and_cw10_runs(fake_d
     point = json.loads((out / "d32x2-6.json").read_text())
     assert point["hours"] == pytest.approx(6 * 0.6 / 3600) and point["retain10"] == 0.25
     assert point["cw10"] == {"l2m-oracle": dict(success=0.4, forgetting=0.0)} and (out / "scaling.png").exists()
+    assert json.loads((out / "d32x2-6" / "cw10-l2m-oracle" / "results.json").read_text()) == run  # the run's record
     assert (
         "| 2 × 32 (" in capsys.readouterr().out and "| 0.25 (1.00) | – | 0.40 | – |" in (out / "scaling.md").read_text()
     )
