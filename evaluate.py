@@ -906,12 +906,13 @@ def write_scaling(args):
     for point in points:
         stem = f"d{point['model']['n_embd']}x{point['model']['n_layer']}-{point['steps']}"
         write_text(os.path.join(out, stem + ".json"), json.dumps(point, indent=1) + "\n")
-        for run in glob.glob(os.path.join(glob.escape(point["folder"]), "cw10-*", "")):  # each CW10 run's record
-            copy = os.path.join(out, stem, os.path.basename(os.path.dirname(run)))
+        for finished in glob.glob(os.path.join(glob.escape(point["folder"]), "cw10-*", "results.json")):
+            run = os.path.dirname(finished)  # the CW10 runs the point counts: their own record beside it
+            copy = os.path.join(out, stem, os.path.basename(run))
             os.makedirs(copy, exist_ok=True)
             for name in ("results.json", "results.md"):
-                if os.path.isfile(run + name):
-                    with open(run + name) as f:
+                if os.path.isfile(os.path.join(run, name)):
+                    with open(os.path.join(run, name)) as f:
                         write_text(os.path.join(copy, name), f.read())
     points = [read_json(p) for p in sorted(glob.glob(os.path.join(glob.escape(out), "*.json")))]
     points.sort(key=lambda p: (p["hours"], p["params"]))
