@@ -132,7 +132,8 @@ GROUPS = {"data": "preset", "optimization": "steps", "model": "n_layer", "run co
 CHOICES = {"precision": PRECISIONS, "schedule": ("cosine", "wsd"), "preset": ("cpu", "paper")}
 PRESETS = {  # the authors' pre-training (cdt_pretrain_disc.yaml, lr_sched_kwargs/cosine.yaml, mdmpdt_mtdmc.yaml)
     "paper": dict(tasks="mt40,dmc10", n_layer=6, n_head=12, n_embd=768, batch_size=512, lr=1e-4, min_lr=1e-6,
-                  warmup_steps=4000, steps=500_000, act_dim=6, eval_every=10_000, save_every=5_000),
+                  warmup_steps=4000, steps=500_000, schedule="cosine", dropout=0.1, act_dim=6, eval_every=10_000,
+                  save_every=5_000),
 }  # fmt: skip
 # how a run executes and where it lives, not what it computes: these may differ between a run and its resumption
 RUN_CONTROL = fields_from(Args, GROUPS["run control"])

@@ -1190,6 +1190,7 @@ def test_a_full_disk_ends_a_stage_with_one_line(fake_data, monkeypatch, capsys):
 def test_the_paper_preset_sets_the_papers_scale_and_flags_given_still_win():
     paper = collect.parse_args(pretrain.Args, ["--preset", "paper", "--steps", "10"], presets=pretrain.PRESETS)
     assert (paper.n_layer, paper.n_head, paper.n_embd, paper.batch_size, paper.lr) == (6, 12, 768, 512, 1e-4)
+    assert (paper.schedule, paper.dropout) == ("cosine", 0.1)  # the authors', whatever the cpu defaults are
     assert paper.tasks == "mt40,dmc10" and paper.steps == 10  # given on the command line
     assert collect.parse_args(pretrain.Args, [], presets=pretrain.PRESETS) == pretrain.Args()
     tuned = collect.parse_args(finetune.Args, ["--preset", "paper"], presets=finetune.PRESETS)
