@@ -864,7 +864,9 @@ def write_comparison(args):
 
 def scaling_point(branch, ms_per_step):
     """One point of the pre-training curve from a pretrain.py folder: its budget (steps x ms_per_step), held-out
-    numbers at its last step, retain10 (its retain10/ evaluation) and the CW10 runs beside it (cw10-<method>/)."""
+    numbers at its last step, retain10 (its retain10/ evaluation) and the CW10 runs beside it (cw10-<method>/, a
+    run or a link to one), each of which must have fine-tuned this point's model: its ckpt.pt or the export of it
+    beside it (backbone.pt), by content."""
     ckpt = load_checkpoint(os.path.join(branch, "ckpt.pt"), kinds=("pretrain",))
     with open(os.path.join(branch, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f if line.strip()]
@@ -873,9 +875,12 @@ def scaling_point(branch, ms_per_step):
         raise ValueError(f"{branch}: metrics.jsonl ends at step {rows[-1]['step']}, the checkpoint at {ckpt['step']}")
     retained = read_json(os.path.join(branch, "retain10", "results.json"))["results"]
     targets = {t["name"]: t["target_return"] for t in ckpt["tasks"]}
-    cw10 = {}
+    cw10, files = {}, [os.path.join(branch, name) for name in ("ckpt.pt", "backbone.pt")]
+    shas = {file_sha256(path) for path in files if os.path.isfile(path)}
     for run in sorted(glob.glob(os.path.join(glob.escape(branch), "cw10-*", "results.json"))):
         result = read_json(run)
+        if result.get("backbone_sha256") not in shas:
+            raise ValueError(f"{os.path.dirname(run)} fine-tuned another model than {' or '.join(files)}: move it out")
         cw10[result["method"]] = dict(success=result["metrics"]["average"], forgetting=result["metrics"]["forgetting"])
     flags = {k: v for k, v in ckpt["args"].items() if k in ("n_layer", "n_head", "n_embd", "dropout", "batch_size")}
     return dict(

@@ -1064,6 +1064,7 @@ def test_a_scaling_point_reads_its_budget_heldout_retention_and_cw10_runs(fake_d
     (branch / "retain10").mkdir(), (branch / "cw10-l2m-oracle").mkdir()
     collect.write_text(str(branch / "retain10" / "results.json"), json.dumps(dict(results=tasks)))
     run = dict(method="l2m-oracle", metrics=dict(average=0.4, forgetting=0.0))
+    run["backbone_sha256"] = collect.file_sha256(str(branch / "ckpt.pt"))  # it fine-tuned this point's model
     collect.write_text(str(branch / "cw10-l2m-oracle" / "results.json"), json.dumps(run))
     out = fake_data / "points"
     evaluate.cli(["--scaling", str(fake_data / "scale" / "b*"), "--ms-per-step", "600", "--out", str(out)])
@@ -1077,6 +1078,10 @@ def test_a_scaling_point_reads_its_budget_heldout_retention_and_cw10_runs(fake_d
     assert "matched no folder" in refuses(
         evaluate, ["--scaling", str(fake_data / "none*"), "--ms-per-step", "1"], capsys
     )
+    (branch / "cw10-l2m").mkdir()  # a run of another backbone, put beside this point by mistake
+    collect.write_text(str(branch / "cw10-l2m" / "results.json"), json.dumps({**run, "backbone_sha256": "0" * 64}))
+    argv = ["--scaling", str(branch), "--ms-per-step", "600", "--out", str(out)]
+    assert f"{branch / 'cw10-l2m'} fine-tuned another model than" in refuses(evaluate, argv, capsys)
 
 
 @pytest.mark.slow
