@@ -81,6 +81,9 @@ class Args:
     allow_mixed: bool = False
     """with --compare: put runs of different task sequences or backbones in one table (each row then names its
     own); without it they are refused"""
+    single: str = ""
+    """with --compare: comma-separated one-task runs of one method and budget, from the same backbone (e.g. 'runs/
+    single/ft-*'): the per-task table gets their score beside the data's own (the ceiling of each task)"""
     scaling: str = ""
     """quoted pattern of pretrain.py --branch-from folders, each with its retain10/ evaluation and any cw10-<method>/
     runs ('runs/scale/d128/b*'): instead of evaluating, write one point file per folder to --out, and the curve of
@@ -662,29 +665,50 @@ def cell(rows, key, fmt="{:.2f}"):
     return text + (f" ± {fmt.format(np.std(values))}" if len(values) > 1 else "")
 
 
-def per_task_table(by_method, tasks, dmc_only):
-    """Lines of a table: per task and method, success right after learning the task → after the last task."""
+def per_task_table(by_method, tasks, dmc_only, data_scores=None, single=None):
+    """Lines of a table: per task and method, success right after learning the task → after the last task; before
+    them, where known, the ceiling of each task: the data's own score (DMControl: mean / best 10% of its
+    episodes, {task: [mean, best]}) and one-task runs' (single: (label, {task: score}))."""
+    ceiling = (["data: mean / best 10%"] if data_scores else []) + ([single[0]] if single else [])
     lines = [
         "",
         f"Per task, {'the normalized score' if dmc_only else 'success at the last step'} (mean over runs): "
         "right after learning it | after the last task",
         "",
-        "| task | " + " | ".join(by_method) + " |",
-        "|---|" + "---|" * len(by_method),
+        "| task | " + " | ".join(ceiling + list(by_method)) + " |",
+        "|---|" + "---|" * (len(ceiling) + len(by_method)),
     ]
     for i, task in enumerate(tasks):
+        cells = ["{:.2f} / {:.2f}".format(*data_scores[task]) if task in data_scores else "–"] if data_scores else []
+        cells += [f"{single[1][task]:.2f}" if task in single[1] else "–"] if single else []
         pairs = [np.mean([r[k][i] for r in rows]) for rows in by_method.values() for k in ("end_of_task", "final")]
-        cells = [f"{pairs[2 * m]:.2f} → {pairs[2 * m + 1]:.2f}" for m in range(len(by_method))]
+        cells += [f"{pairs[2 * m]:.2f} → {pairs[2 * m + 1]:.2f}" for m in range(len(by_method))]
         lines.append(f"| {task.removesuffix('-v3')} | " + " | ".join(cells) + " |")
     return lines
 
 
-def compare_runs(run_dirs, reference_dir="", allow_mixed=False):
+def single_task_scores(run_dirs, backbone, allow_mixed):
+    """--single: one-task runs of one method and budget -> (column label, {task: score, the mean over its runs})."""
+    runs = [(run_dir, load_run(run_dir)) for run_dir in run_dirs]
+    kinds = {(run["method"], run["setting"].get("steps_per_task")) for _, run in runs}
+    for run_dir, run in runs:
+        if len(run["tasks"]) != 1 or len(kinds) > 1:
+            raise ValueError(f"--single {run_dir}: expected one-task runs of one method and --steps-per-task")
+        if backbone_of(run) != backbone and not allow_mixed:
+            raise ValueError(f"--single {run_dir} fine-tuned another backbone than the runs compared (--allow-mixed)")
+    (method, steps), scores = kinds.pop(), {}
+    for _, run in runs:
+        scores.setdefault(run["tasks"][0], []).append(run["success"][0][0])
+    label = f"single-task {method}" + (f" ({steps:,} steps)" if steps else "")
+    return label, {task: float(np.mean(v)) for task, v in scores.items()}
+
+
+def compare_runs(run_dirs, reference_dir="", allow_mixed=False, single_dirs=()):
     """The results table across fine-tuning runs: one row per method and setting, mean ± std over its runs (seeds).
     Runs of one method whose settings differ get a row each, labelled with the settings that differ. Every run
     (and the reference) must have learned the same sequence from the same backbone (by content), unless
     allow_mixed: then runs of different sequences or backbones are never averaged together, and each row says its
-    own. A run named twice counts once."""
+    own. A run named twice counts once. single_dirs: one-task runs for the per-task table (single_task_scores)."""
     runs = [(run_dir, load_run(run_dir)) for run_dir in {os.path.realpath(d): d for d in run_dirs}.values()]
     ref_run = load_run(reference_dir) if reference_dir else None
     everything = runs + ([(f"--reference {reference_dir}", ref_run)] if ref_run else [])
@@ -736,8 +760,12 @@ def compare_runs(run_dirs, reference_dir="", allow_mixed=False):
         cells += [cell(rows, "retention_dmc")] if with_dmc_retention else []
         cells += [f"{rows[0]['params']:,}", cell(rows, "minutes", "{:.0f}")]
         lines.append(f"| {method} | {len(rows)} | " + " | ".join(cells) + " |")
+    if single_dirs and len(sequences) > 1:
+        raise ValueError("--single goes with runs of one task sequence: its scores fill that sequence's per-task table")
     if len({tuple(run["tasks"]) for _, run in runs}) == 1:  # one sequence: where each method gains and loses
-        lines += per_task_table(by_method, runs[0][1]["tasks"], dmc_only)
+        data_scores = next((r["data_scores"] for _, r in runs if r.get("data_scores")), None)
+        single = single_task_scores(single_dirs, backbone_of(runs[0][1]), allow_mixed) if single_dirs else None
+        lines += per_task_table(by_method, runs[0][1]["tasks"], dmc_only, data_scores, single)
     for directory in sorted(pretrained):
         for subset in RETENTION_SUBSETS:
             retained = retention(directory, subset)
@@ -836,6 +864,7 @@ def write_sequence_report(run_dir, ckpt):
                 trainable_params=ckpt["trainable_params"],
                 stages=ckpt["stages"],
                 backbone_sha256=ckpt["pretrained"]["sha256"],  # --compare puts only runs of one backbone together
+                data_scores={t["name"]: t["data_score"] for t in ckpt["tasks"] if "data_score" in t},  # DMControl
                 ckpt_sha256=file_sha256(os.path.join(run_dir, "ckpt.pt")),  # these results belong to that file
             ),
             indent=1,
@@ -853,7 +882,8 @@ def write_comparison(args):
         check_output(args.out or "runs", "--out", is_dir=True)
         patterns = [p for p in args.compare.split(",") if p]  # a quoted 'runs/*-cw10-s*' expands here
         run_dirs = [d for p in patterns for d in sorted(glob.glob(p)) or [p]]  # no match: named in the error
-        table = compare_runs(run_dirs, args.reference, args.allow_mixed)
+        single = [d for p in args.single.split(",") if p for d in sorted(glob.glob(p)) or [p]]
+        table = compare_runs(run_dirs, args.reference, args.allow_mixed, single)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"evaluate.py: error: {e}")
     out = args.out or "runs"
@@ -979,6 +1009,8 @@ def main(args):
     keep_freed_memory()
     if args.compare and args.scaling:
         sys.exit("evaluate.py: error: --compare and --scaling are two modes: give one")
+    if (args.reference or args.single or args.allow_mixed) and not args.compare:
+        sys.exit("evaluate.py: error: --reference, --single and --allow-mixed go with --compare")
     if args.compare or args.scaling:
         return (write_comparison if args.compare else write_scaling)(args)
     try:

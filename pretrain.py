@@ -314,9 +314,13 @@ def load_data(names, data_dir, holdout_episodes, K, act_dim, n_bins, seed):
             # the score's 1: the file's own (the authors' data mean), else the mean of our data's best 10% episodes,
             # the trained agent's level (a 50-episode SAC buffer's mean is mostly learning; on finger-turn_easy it
             # was below the random policy's return)
-            best = np.sort(returns)[-max(1, len(returns) // 10) :].mean()
+            n_best = max(1, len(returns) // 10)
+            best = np.sort(returns)[-n_best:].mean()
             tasks[-1]["random_return"] = data["random_return"]
             tasks[-1]["data_return"] = data.get("data_return", float(best))
+            span = tasks[-1]["data_return"] - float(data["random_return"])
+            scores = np.sort(returns - data["random_return"]) / span if span > 0 else np.full(len(returns), np.nan)
+            tasks[-1]["data_score"] = [float(scores.mean()), float(scores[-n_best:].mean())]  # the data's own level
         for j, (s, e) in enumerate(zip(starts, ends)):
             if j >= len(ends) - holdout_episodes:
                 heldout.append(len(episodes))

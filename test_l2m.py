@@ -969,12 +969,22 @@ def test_held_out_metrics_are_also_reported_per_domain():
     assert collect.resolve_tasks("retaindmc5") == collect.DMC10[::2]
 
 
+def test_the_data_of_a_dmcontrol_task_is_scored_as_its_rollouts_are(tmp_path):
+    arrays = write_fake_task(tmp_path, "cartpole-balance", episodes=10, length=10, obs_dim=204, act_dim=1)
+    arrays["rewards"] *= np.repeat(np.arange(1, 11), 10)  # episode k returns 55 k; random actions return 1
+    collect.save_npz(str(tmp_path / "cartpole-balance.npz"), arrays)
+    (task,), *_ = pretrain.load_data(["cartpole-balance"], str(tmp_path), 1, 5, 6, 64, 0)
+    assert task["data_return"] == 550.0  # the best 10%: one episode of ten
+    assert task["data_score"] == pytest.approx([(55 * 5.5 - 1) / 549, 1.0])  # mean, best 10%, as (R - 1) / (550 - 1)
+
+
 def test_dataset_windows_left_pad_returns_to_go_and_timesteps(tmp_path):
     arrays = write_fake_task(tmp_path, "reach-v3", episodes=3, length=10)
     write_fake_task(tmp_path, "cartpole-balance", episodes=3, length=10, obs_dim=204, act_dim=1)
     tasks, data, pools, heldout = pretrain.load_data(["reach-v3", "cartpole-balance"], str(tmp_path), 1, 5, 6, 64, 0)
     assert tasks[0]["target_return"] == 55.0 and tasks[1]["act_dim"] == 1 and len(pools) == 2
     assert (tasks[1]["random_return"], tasks[1]["data_return"]) == (1.0, 55.0)  # the score's 0 and 1 (best 10%)
+    assert tasks[1]["data_score"] == [1.0, 1.0] and "data_score" not in tasks[0]  # equal episodes: all at the best
     b, valid, task = data.windows(np.array([1, 1, 4]), np.array([0, 8, 3]))  # episode 1 of reach; of cartpole
     assert task.tolist() == [0, 0, 1]
     assert b["step_mask"][0].all() and b["step_mask"][1].tolist() == [False, False, False, True, True]
@@ -1424,6 +1434,33 @@ def test_compare_refuses_mixed_backbones_and_stale_results_unless_told(tmp_path)
         evaluate.compare_runs(runs[:1])
 
 
+def test_the_per_task_table_puts_each_tasks_ceiling_beside_the_methods(tmp_path):
+    def fake_run(name, method, tasks, success, steps=2500, backbone="a" * 64, **extra):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(dict(
+            method=method, tasks=tasks, success=success, success_any=success, metrics={}, trainable_params=1,
+            command=None, stages=[dict(train_seconds=60.0, eval_seconds=0.0)] * len(tasks), args=dict(seed=0),
+            setting=dict(ckpt="b.pt", tasks=",".join(tasks), steps_per_task=steps), backbone_sha256=backbone, **extra,
+        )))  # fmt: skip
+        return str(tmp_path / name)
+
+    data_scores = {"walker-walk": [0.6, 1.0], "finger-spin": [0.3, 1.0]}  # as finetune.py records them (DMControl)
+    runs = [fake_run("l2m", "l2m", ["walker-walk", "finger-spin"], [[0.5, 0.0], [0.5, 0.25]], data_scores=data_scores)]
+    single = [fake_run(f"ft-walker-walk-s{seed}", "ft", ["walker-walk"], [[score]], steps=10_000)
+              for seed, score in ((0, 0.8), (1, 0.6))]  # fmt: skip
+    evaluate.cli(["--compare", runs[0], "--single", str(tmp_path / "ft-walker-walk-s*"), "--out", str(tmp_path)])
+    table = (tmp_path / "comparison.md").read_text()
+    assert "| task | data: mean / best 10% | single-task ft (10,000 steps) | l2m |" in table
+    assert "| walker-walk | 0.60 / 1.00 | 0.70 | 0.50 → 0.50 |" in table  # single-task: the mean of its two runs
+    assert "| finger-spin | 0.30 / 1.00 | – | 0.25 → 0.25 |" in table
+    other = fake_run("ft-other-backbone", "ft", ["walker-walk"], [[0.1]], steps=10_000, backbone="b" * 64)
+    with pytest.raises(ValueError, match="fine-tuned another backbone than the runs compared"):
+        evaluate.compare_runs(runs, single_dirs=[other])
+    l2m = fake_run("l2m-finger-spin", "l2m", ["finger-spin"], [[0.1]], steps=10_000)
+    with pytest.raises(ValueError, match="expected one-task runs of one method and --steps-per-task"):
+        evaluate.compare_runs(runs, single_dirs=single + [l2m])
+
+
 def test_l2_and_ewc_penalties_are_zero_at_the_anchor_and_positive_away():
     net = tiny_model()
     anchor = {n: p.detach().clone() for n, p in net.named_parameters()}
@@ -1808,6 +1845,7 @@ def test_every_method_learns_a_dmcontrol_sequence_scored_by_normalized_return(dm
     results = json.loads((dmc_pipeline / method / "results.json").read_text())
     score = np.asarray(results["success"])
     assert score.shape == (2, 2) and np.isfinite(score[np.tril_indices(2)]).all()
+    assert sorted(results["data_scores"]) == DMC_PAIR.split(",")  # each task's data on the same score, for --compare
     for i, stage in enumerate(results["stages"]):
         for j, task in enumerate(stage["results"]):
             assert len(task["returns"]) == 1 and task["env_steps"] == 1000
@@ -2018,6 +2056,7 @@ def bad_inputs(tmp_path_factory):
         ("evaluate", ["--compare", "TMP"], "is TMP a finished finetune.py run?"),
         ("evaluate", ["--compare", "TMP", "--out", "FILE"], "--out 'FILE' is a file"),
         ("evaluate", ["--compare", "TMP", "--scaling", "TMP"], "--compare and --scaling are two modes"),
+        ("evaluate", ["--single", "TMP"], "--reference, --single and --allow-mixed go with --compare"),
         ("evaluate", ["--compare", "TMP/runs/*-s*"], "is TMP/runs/*-s* a finished finetune.py run?"),
         ("collect", ["--workers", "0"], "--workers 0 is out of range: it must be >= 1"),
         ("collect", ["--sac-utd", "0"], "--sac-utd 0.0 is out of range: it must be > 0"),
