@@ -660,9 +660,13 @@ def cell(rows, key, fmt="{:.2f}"):
     values = [r[key] for r in rows if r[key] is not None]
     if not values:
         return "–"
-    text = fmt.format(np.mean(values))
-    text = text.lstrip("-") if float(text) == 0 else text  # -0.004 reads "0.00", not "-0.00"
-    return text + (f" ± {fmt.format(np.std(values))}" if len(values) > 1 else "")
+    return number(np.mean(values), fmt) + (f" ± {fmt.format(np.std(values))}" if len(values) > 1 else "")
+
+
+def number(value, fmt="{:.2f}"):
+    """value as text, -0.004 as "0.00", not "-0.00"."""
+    text = fmt.format(value)
+    return text.lstrip("-") if float(text) == 0 else text
 
 
 def per_task_table(by_method, tasks, dmc_only, data_scores=None, single=None):
@@ -682,7 +686,7 @@ def per_task_table(by_method, tasks, dmc_only, data_scores=None, single=None):
         cells = ["{:.2f} / {:.2f}".format(*data_scores[task]) if task in data_scores else "–"] if data_scores else []
         cells += [f"{single[1][task]:.2f}" if task in single[1] else "–"] if single else []
         pairs = [np.mean([r[k][i] for r in rows]) for rows in by_method.values() for k in ("end_of_task", "final")]
-        cells += [f"{pairs[2 * m]:.2f} → {pairs[2 * m + 1]:.2f}" for m in range(len(by_method))]
+        cells += [f"{number(pairs[2 * m])} → {number(pairs[2 * m + 1])}" for m in range(len(by_method))]
         lines.append(f"| {task.removesuffix('-v3')} | " + " | ".join(cells) + " |")
     return lines
 
@@ -701,6 +705,19 @@ def single_task_scores(run_dirs, backbone, allow_mixed):
         scores.setdefault(run["tasks"][0], []).append(run["success"][0][0])
     label = f"single-task {method}" + (f" ({steps:,} steps)" if steps else "")
     return label, {task: float(np.mean(v)) for task, v in scores.items()}
+
+
+LOST = 0.2  # a task whose score fell by more than this after it was learned is named per run (a seed's collapse)
+
+
+def lost_tasks(run, row):
+    """A run's forgetting and each task it lost by more than LOST: "0.08 (ball_in_cup-catch 0.78 → 0.25)"."""
+    lost = [
+        f"{task.removesuffix('-v3')} {number(before)} → {number(after)}"
+        for task, before, after in zip(run["tasks"], row["end_of_task"], row["final"])
+        if before - after > LOST
+    ]
+    return number(row["forgetting"]) + (f" ({', '.join(lost)})" if lost else "")
 
 
 def compare_runs(run_dirs, reference_dir="", allow_mixed=False, single_dirs=()):
@@ -733,12 +750,14 @@ def compare_runs(run_dirs, reference_dir="", allow_mixed=False, single_dirs=()):
             + (" [" + "; ".join(mixed) + "]" if mixed else "")
         )
 
-    by_method, pretrained, commands = {}, set(), []
+    by_method, pretrained, commands, losses = {}, set(), [], []
     for run_dir, run in runs:
         name = label(run)
         by_method.setdefault(name, []).append(run_row(run_dir, run, reference))
         commands.append(f"- {name}, seed {run['args'].get('seed')}: `{run.get('command') or run_dir}`")
         pretrained |= {backbone_dir(run_dir, run)} - {None}
+        if by_method[name][-1]["forgetting"] is not None:
+            losses.append(f"- {name}, seed {run['args'].get('seed')}: " + lost_tasks(run, by_method[name][-1]))
 
     dmc_only = metric_name([t for _, run in runs for t in run["tasks"]]) == "normalized score"
     with_dmc_retention = any(r["retention_dmc"] is not None for rows in by_method.values() for r in rows)
@@ -774,6 +793,8 @@ def compare_runs(run_dirs, reference_dir="", allow_mixed=False, single_dirs=()):
                     f"\nRetention ({subset}) of the pre-trained model in {directory}: {retained[0]:.2f} "
                     + ("(normalized score)" if subset == "retaindmc5" else f"(last step), {retained[1]:.2f} (any step)")
                 )
+    if losses:
+        lines += ["", f"Forgetting per run, and the tasks it lost by more than {LOST}:", "", *losses]
     return "\n".join(lines + ["", "Commands:", *commands]) + "\n"
 
 

@@ -1395,6 +1395,9 @@ def test_compare_runs_averages_seeds_per_method(tmp_path):
         "another setting, another row"
     )
     assert "- ft, seed 1: `python finetune.py --method ft --seed 1`" in table
+    # per run, its forgetting and the tasks it lost by more than 0.2, which a mean over seeds would hide
+    assert "- ft, seed 0: 0.50 (hammer 1.00 → 0.00)\n- ft, seed 1: 0.30 (hammer 1.00 → 0.40)\n" in table
+    assert "- l2m (frozen_dropout=False), seed 0: 0.00\n" in table
     with pytest.raises(FileNotFoundError, match="finished finetune.py run"):
         evaluate.compare_runs([str(tmp_path / "nowhere")])
     other = fake_run("one-task", "l2m-oracle", [[1.0]], [[1.0]], tasks=("hammer-v3",))
