@@ -118,8 +118,8 @@ class Args:
     preset: str = "cpu"
     """cpu (the defaults shown here) | paper: the paper's steps per task, batch, lr and evaluation episodes (PRESETS
     below); flags given on the command line still win"""
-    ckpt: str = "runs/pretrain/ckpt.pt"
-    """pre-trained checkpoint (pretrain.py)"""
+    ckpt: str = "checkpoints/mt40-4x128.pt"
+    """pre-trained checkpoint: the shipped backbone (README), or a pretrain.py run's ckpt.pt or exported backbone"""
     method: str = "l2m"
     """the method (see above)"""
     tasks: str = "cw10"

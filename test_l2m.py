@@ -1018,6 +1018,7 @@ def pretrain_args(data_dir, **kw):
         n_head=2,
         n_embd=32,
         warmup_steps=2,
+        dropout=0.1,  # the shipped recipe has none; these tests keep dropout's RNG streams in play
         eval_every=3,
         save_every=3,
     )
@@ -1065,6 +1066,23 @@ def test_an_exported_backbone_is_the_run_without_its_training_state(fake_data, c
     collect.save_atomic({**full, "step": 3}, str(unfinished))
     argv = ["--out", str(unfinished), "--export", str(fake_data / "b.pt")]
     assert "at step 3 of 6: finish it" in refuses(pretrain, argv, capsys) and not (fake_data / "b.pt").exists()
+
+
+def test_the_shipped_backbone_is_the_readmes_file_made_by_pretrains_defaults():
+    """`python pretrain.py` reproduces the committed backbone: the file is the one whose sha256 the README gives,
+    loads without unpickling code, fits the repository's 16 MiB, and was made by today's defaults to the last step."""
+    path = os.path.join(HERE, finetune.Args().ckpt)
+    assert os.path.getsize(path) <= 16 * 2**20
+    readme = open(os.path.join(HERE, "README.md")).read()
+    assert f"`{collect.file_sha256(path)}`" in readme, "the README's sha256 is not the shipped file's"
+    shipped = collect.load_checkpoint(path, kinds=("pretrain",))  # weights_only=True
+    assert set(shipped) == collect.CHECKPOINT_KEYS["pretrain"], "weights and config only, no training state"
+    defaults = asdict(pretrain.Args())
+    recipe = {k: v for k, v in shipped["args"].items() if k not in pretrain.RUN_CONTROL}
+    assert recipe == {k: v for k, v in defaults.items() if k not in pretrain.RUN_CONTROL}
+    assert shipped["step"] == defaults["steps"]
+    net = evaluate.build_model(shipped, torch.device("cpu"))
+    assert all(torch.equal(net.state_dict()[k], v) for k, v in shipped["model"].items())
 
 
 def test_a_scaling_point_reads_its_budget_heldout_retention_and_cw10_runs(fake_data, capsys):
@@ -1214,14 +1232,18 @@ def test_the_paper_preset_sets_the_papers_scale_and_flags_given_still_win():
 
 
 @pytest.mark.slow
-def test_a_run_from_before_a_setting_existed_resumes_at_that_settings_default(fake_data):
-    pretrain.main(pretrain_args(fake_data))
+def test_a_run_from_before_a_setting_existed_resumes_as_the_older_code_ran_it(fake_data, capsys):
+    pretrain.main(pretrain_args(fake_data, schedule="cosine"))
     old = torch.load(fake_data / "run" / "ckpt.pt", weights_only=True)
     old["step"] = 3  # as if it had stopped at its first save
     for newer in ("preset", "schedule", "decay_frac"):  # settings added after such a checkpoint was written
         del old["args"][newer]
     torch.save(old, fake_data / "run" / "ckpt.pt")
-    pretrain.main(pretrain_args(fake_data, resume=True))
+    # the code of then had no schedule but cosine: today's default (wsd) would change the run, so it is refused
+    argv = [f"--{k.replace('_', '-')}={v}" for k, v in asdict(pretrain_args(fake_data)).items()]
+    line = refuses(pretrain, [a for a in argv if not a.startswith(("--resume", "--overwrite"))] + ["--resume"], capsys)
+    assert "--schedule 'cosine' (checkpoint) vs 'wsd' (now)" in line
+    pretrain.main(pretrain_args(fake_data, schedule="cosine", resume=True))
     assert torch.load(fake_data / "run" / "ckpt.pt", weights_only=True)["step"] == 6
 
 
@@ -2028,7 +2050,11 @@ def bad_inputs(tmp_path_factory):
         ("pretrain", ["--holdout-episodes", "-1"], "--holdout-episodes -1 is out of range: it must be >= 0"),
         ("pretrain", ["--snapshots", "10,x"], "--snapshots '10,x': expected comma-separated step numbers"),
         ("pretrain", ["--steps", "20", "--snapshots", "30"], "step 30 is past --steps 20, so it would never be kept"),
-        ("pretrain", ["--decay-frac", "0.5"], "--decay-frac 0.5 applies only to --schedule wsd (this run: cosine)"),
+        (
+            "pretrain",
+            ["--decay-frac", "0.5", "--schedule", "cosine"],
+            "--decay-frac 0.5 applies only to --schedule wsd (this run: cosine)",
+        ),
         ("pretrain", ["--precision", "fp16"], "argument --precision: invalid choice: 'fp16'"),
         ("pretrain", ["--device", "tpu"], "unknown --device 'tpu'"),
         ("pretrain", ["--out", "TMP/dir/"], "names a directory"),
