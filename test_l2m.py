@@ -2334,7 +2334,13 @@ def test_methods_and_seeds_run_side_by_side_each_in_its_own_folder(pipeline, tmp
 
 @pytest.mark.parametrize(
     "folder, reference, n_runs, n_rows",
-    [("cw10", "l2m-oracle-cw10-s0", 25, 28), ("quick", "", 4, 4), ("md-cw10", "", 8, 14), ("md-dmc6", "", 10, 9)],
+    [
+        ("cw10", "l2m-oracle-cw10-s0", 25, 28),
+        ("cw10-shipped", "", 2, 14),
+        ("quick", "", 4, 4),
+        ("md-cw10", "", 8, 14),
+        ("md-dmc6", "", 10, 9),
+    ],
 )
 def test_the_readme_results_tables_regenerate_from_the_result_files(folder, reference, n_runs, n_rows):
     runs = sorted(glob.glob(os.path.join(HERE, "results", folder, "*-s*")))  # every published run
