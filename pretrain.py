@@ -262,6 +262,47 @@ class WindowDataset:
         return self.windows(ids, starts, device)
 
 
+def check_layout(data, name, path, data_dir):
+    """A task file must have its environment's observation and action dims, and a DMControl file its values only in
+    its own keys' columns of the authors' 204-column layout: anything else was collected or converted wrongly."""
+    found, expected = (data["observations"].shape[1], data["actions"].shape[1]), env_dims(name)
+    if found != expected:
+        raise ValueError(
+            f"{path} has {found[0]} observation columns and {found[1]} action dims, but the {name} "
+            f"environment has {expected[0]} and {expected[1]}: collect it again with "
+            f"`python collect.py --tasks {name} --data-dir {data_dir} --overwrite`"
+        )
+    if is_metaworld(name):
+        return
+    outside = np.setdiff1d(np.arange(found[0]), make_env(name).columns)
+    filled = outside[np.abs(data["observations"][:, outside]).max(axis=0) > 0]
+    if len(filled):
+        raise ValueError(
+            f"{path} has values in observation columns {filled[:5].tolist()}{'...' if len(filled) > 5 else ''}"
+            f", which {name} leaves 0 in the authors' 204-column layout (DMC_SLOTS in collect.py): its "
+            "columns are in the wrong slots; convert the authors' files with `collect.py --source authors`"
+        )
+
+
+def score_constants(data, returns, name, path, data_dir):
+    """A DMControl task's normalized-score constants and the data's own score. -> dict(random_return (the score's 0),
+    data_return (its 1), data_score = [mean, best 10%] of the data's episodes)."""
+    if "random_return" not in data:
+        raise ValueError(
+            f"{path} has no random_return (the zero of DMControl's normalized score): collect it again "
+            f"with `python collect.py --tasks {name} --data-dir {data_dir} --overwrite`"
+        )
+    # the score's 1: the file's own (the authors' data mean), else the mean of our data's best 10% episodes, the
+    # trained agent's level (a 50-episode SAC buffer's mean is mostly learning; on finger-turn_easy it was below the
+    # random policy's return)
+    n_best = max(1, len(returns) // 10)
+    data_return = data.get("data_return", float(np.sort(returns)[-n_best:].mean()))
+    span = data_return - float(data["random_return"])
+    scores = np.sort(returns - data["random_return"]) / span if span > 0 else np.full(len(returns), np.nan)
+    return dict(random_return=data["random_return"], data_return=data_return,
+                data_score=[float(scores.mean()), float(scores[-n_best:].mean())])  # fmt: skip
+
+
 def load_data(names, data_dir, holdout_episodes, K, act_dim, n_bins, seed):
     """-> (task table, WindowDataset, training episode pools per domain, held-out episode ids per task)."""
     missing = [n for n in names if not os.path.isfile(os.path.join(data_dir, f"{n}.npz"))]
@@ -274,23 +315,8 @@ def load_data(names, data_dir, holdout_episodes, K, act_dim, n_bins, seed):
     for i, name in enumerate(names):
         path = os.path.join(data_dir, f"{name}.npz")
         data = load_task(path)
-        found, expected = (data["observations"].shape[1], data["actions"].shape[1]), env_dims(name)
-        if found != expected:
-            raise ValueError(
-                f"{path} has {found[0]} observation columns and {found[1]} action dims, but the {name} "
-                f"environment has {expected[0]} and {expected[1]}: collect it again with "
-                f"`python collect.py --tasks {name} --data-dir {data_dir} --overwrite`"
-            )
+        check_layout(data, name, path, data_dir)
         domain = "metaworld" if is_metaworld(name) else "dmcontrol"
-        if domain == "dmcontrol":  # the 204-column layout: a task's values only in its own keys' columns
-            outside = np.setdiff1d(np.arange(found[0]), make_env(name).columns)
-            filled = outside[np.abs(data["observations"][:, outside]).max(axis=0) > 0]
-            if len(filled):
-                raise ValueError(
-                    f"{path} has values in observation columns {filled[:5].tolist()}{'...' if len(filled) > 5 else ''}"
-                    f", which {name} leaves 0 in the authors' 204-column layout (DMC_SLOTS in collect.py): its "
-                    "columns are in the wrong slots; convert the authors' files with `collect.py --source authors`"
-                )
         ends = np.flatnonzero(data["dones"]) + 1
         starts = np.r_[0, ends[:-1]]
         returns = np.add.reduceat(data["rewards"], starts)
@@ -311,21 +337,7 @@ def load_data(names, data_dir, holdout_episodes, K, act_dim, n_bins, seed):
             )
         )
         if domain == "dmcontrol":
-            if "random_return" not in data:
-                raise ValueError(
-                    f"{path} has no random_return (the zero of DMControl's normalized score): collect it again "
-                    f"with `python collect.py --tasks {name} --data-dir {data_dir} --overwrite`"
-                )
-            # the score's 1: the file's own (the authors' data mean), else the mean of our data's best 10% episodes,
-            # the trained agent's level (a 50-episode SAC buffer's mean is mostly learning; on finger-turn_easy it
-            # was below the random policy's return)
-            n_best = max(1, len(returns) // 10)
-            best = np.sort(returns)[-n_best:].mean()
-            tasks[-1]["random_return"] = data["random_return"]
-            tasks[-1]["data_return"] = data.get("data_return", float(best))
-            span = tasks[-1]["data_return"] - float(data["random_return"])
-            scores = np.sort(returns - data["random_return"]) / span if span > 0 else np.full(len(returns), np.nan)
-            tasks[-1]["data_score"] = [float(scores.mean()), float(scores[-n_best:].mean())]  # the data's own level
+            tasks[-1].update(score_constants(data, returns, name, path, data_dir))
         for j, (s, e) in enumerate(zip(starts, ends)):
             if j >= len(ends) - holdout_episodes:
                 heldout.append(len(episodes))
