@@ -1081,8 +1081,7 @@ def test_the_shipped_backbone_is_the_readmes_file_made_by_pretrains_defaults():
     recipe = {k: v for k, v in shipped["args"].items() if k not in pretrain.RUN_CONTROL}
     assert recipe == {k: v for k, v in defaults.items() if k not in pretrain.RUN_CONTROL}
     assert shipped["step"] == defaults["steps"]
-    net = evaluate.build_model(shipped, torch.device("cpu"))
-    assert all(torch.equal(net.state_dict()[k], v) for k, v in shipped["model"].items())
+    evaluate.build_model(shipped, torch.device("cpu"))  # its weights fit its config: a mismatch raises
 
 
 def test_a_scaling_point_reads_its_budget_heldout_retention_and_cw10_runs(fake_data, capsys):
