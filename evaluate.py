@@ -961,6 +961,7 @@ def write_scaling(args):
     os.makedirs(out, exist_ok=True)
     for point in points:
         stem = f"d{point['model']['n_embd']}x{point['model']['n_layer']}-{point['steps']}"
+        stem += "" if point["branch_from"] else "-fresh"  # a run of its own beside a branch of the same budget
         write_text(os.path.join(out, stem + ".json"), json.dumps(point, indent=1) + "\n")
         for finished in glob.glob(os.path.join(glob.escape(point["folder"]), "cw10-*", "results.json")):
             run = os.path.dirname(finished)  # the CW10 runs the point counts: their own record beside it
@@ -971,7 +972,6 @@ def write_scaling(args):
                     with open(os.path.join(run, name)) as f:
                         write_text(os.path.join(copy, name), f.read())
     points = [read_json(p) for p in sorted(glob.glob(os.path.join(glob.escape(out), "*.json")))]
-    points.sort(key=lambda p: (p["hours"], p["params"]))
     table = scaling_table(points)
     write_text(os.path.join(out, "scaling.md"), table)
     plot_scaling(points, os.path.join(out, "scaling.png"))
@@ -979,7 +979,8 @@ def write_scaling(args):
 
 
 def scaling_table(points):
-    """The curve as a markdown table, one row per point, in order of pre-training time."""
+    """The curve as a markdown table, one row per point, in order of pre-training time (then size, then folder)."""
+    points = sorted(points, key=lambda p: (p["hours"], p["params"], p["folder"]))
     lines = [
         "| pre-training hours (2 cores, fp32) | model | steps × batch | held-out loss / acc | retain10 last step (any) "
         "| CW10 l2m | CW10 l2m-oracle | CW10 ft |",
@@ -990,7 +991,8 @@ def scaling_table(points):
         cells = [f"{cw10[k]['success']:.2f}" if k in cw10 else "–" for k in ("l2m", "l2m-oracle", "ft")]
         lines.append(
             f"| {p['hours']:.2f} | {m['n_layer']} × {m['n_embd']} ({p['params'] / 1e6:.2f}M) | {p['steps']:,} × "
-            f"{m['batch_size']} | {p['heldout_loss']:.3f} / {p['heldout_acc']:.3f} | {p['retain10']:.2f} "
+            f"{m['batch_size']}{'' if p['branch_from'] else ', one run'} | {p['heldout_loss']:.3f} / "
+            f"{p['heldout_acc']:.3f} | {p['retain10']:.2f} "
             f"({p['retain10_any']:.2f}) | " + " | ".join(cells) + " |"
         )
     return "\n".join(lines) + "\n"
@@ -1002,7 +1004,9 @@ def plot_scaling(points, path):
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for shape in sorted({(p["model"]["n_layer"], p["model"]["n_embd"]) for p in points}):
-        mine = [p for p in points if (p["model"]["n_layer"], p["model"]["n_embd"]) == shape]
+        mine = sorted(
+            (p for p in points if (p["model"]["n_layer"], p["model"]["n_embd"]) == shape), key=lambda p: p["hours"]
+        )
         label = f"{shape[0]}×{shape[1]}"
         ax.plot([p["hours"] for p in mine], [p["retain10"] for p in mine], marker="o", label=f"retain10, {label}")
         for method in ("l2m", "l2m-oracle", "ft"):
@@ -1012,7 +1016,8 @@ def plot_scaling(points, path):
                 ax.plot(hours, success, marker="s", ls="--", label=f"CW10 {method}, {label}")
     for method, value in (("l2m", PAPER_CW10_SUCCESS["l2m"]), ("l2m-oracle", PAPER_CW10_SUCCESS["l2m-oracle"])):
         ax.axhline(value, color="grey", lw=0.8, ls=":")
-        ax.text(min(p["hours"] for p in points), value + 0.01, f"paper {method} {value}", fontsize=6, color="grey")
+        ax.text(max(p["hours"] for p in points), value + 0.01, f"paper {method} {value}", fontsize=6, color="grey",
+                ha="right")  # fmt: skip
     ax.set_xscale("log"), ax.set_ylim(-0.02, 1.0)
     ticks = sorted({round(p["hours"] * 8) / 8 or p["hours"] for p in points})  # eighths of an hour
     ax.set_xticks(ticks, [f"{t:g}" for t in ticks], fontsize=7)
