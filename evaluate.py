@@ -978,9 +978,15 @@ def write_scaling(args):
     print(table + f"wrote {len(branches)} point(s), scaling.md and scaling.png to {out}")
 
 
+def by_budget(point):
+    """The curve's order: pre-training time, then size, then folder (a branch and a run of one budget, in a fixed
+    order)."""
+    return point["hours"], point["params"], point["folder"]
+
+
 def scaling_table(points):
-    """The curve as a markdown table, one row per point, in order of pre-training time (then size, then folder)."""
-    points = sorted(points, key=lambda p: (p["hours"], p["params"], p["folder"]))
+    """The curve as a markdown table, one row per point, in order of budget."""
+    points = sorted(points, key=by_budget)
     lines = [
         "| pre-training hours (2 cores, fp32) | model | steps × batch | held-out loss / acc | retain10 last step (any) "
         "| CW10 l2m | CW10 l2m-oracle | CW10 ft |",
@@ -1004,9 +1010,7 @@ def plot_scaling(points, path):
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for shape in sorted({(p["model"]["n_layer"], p["model"]["n_embd"]) for p in points}):
-        mine = sorted(
-            (p for p in points if (p["model"]["n_layer"], p["model"]["n_embd"]) == shape), key=lambda p: p["hours"]
-        )
+        mine = sorted((p for p in points if (p["model"]["n_layer"], p["model"]["n_embd"]) == shape), key=by_budget)
         label = f"{shape[0]}×{shape[1]}"
         ax.plot([p["hours"] for p in mine], [p["retain10"] for p in mine], marker="o", label=f"retain10, {label}")
         for method in ("l2m", "l2m-oracle", "ft"):
@@ -1016,8 +1020,8 @@ def plot_scaling(points, path):
                 ax.plot(hours, success, marker="s", ls="--", label=f"CW10 {method}, {label}")
     for method, value in (("l2m", PAPER_CW10_SUCCESS["l2m"]), ("l2m-oracle", PAPER_CW10_SUCCESS["l2m-oracle"])):
         ax.axhline(value, color="grey", lw=0.8, ls=":")
-        ax.text(max(p["hours"] for p in points), value + 0.01, f"paper {method} {value}", fontsize=6, color="grey",
-                ha="right")  # fmt: skip
+        right = max(p["hours"] for p in points)
+        ax.text(right, value + 0.01, f"paper {method} {value}", fontsize=6, color="grey", ha="right")
     ax.set_xscale("log"), ax.set_ylim(-0.02, 1.0)
     ticks = sorted({round(p["hours"] * 8) / 8 or p["hours"] for p in points})  # eighths of an hour
     ax.set_xticks(ticks, [f"{t:g}" for t in ticks], fontsize=7)
