@@ -2336,7 +2336,7 @@ def test_methods_and_seeds_run_side_by_side_each_in_its_own_folder(pipeline, tmp
     "folder, reference, n_runs, n_rows",
     [
         ("cw10", "l2m-oracle-cw10-s0", 25, 28),
-        ("cw10-shipped", "", 8, 14),
+        ("cw10-shipped", "", 9, 14),
         ("quick", "", 4, 4),
         ("md-cw10", "", 8, 14),
         ("md-dmc6", "", 10, 9),
