@@ -2335,7 +2335,7 @@ def test_methods_and_seeds_run_side_by_side_each_in_its_own_folder(pipeline, tmp
 @pytest.mark.parametrize(
     "patterns, reference, n_runs, n_rows",
     [
-        ("cw10/*-s*", "", 14, 17),
+        ("cw10/*-s*", "", 15, 18),
         ("cw10-v1/*-s*", "cw10-v1/l2m-oracle-cw10-s0", 25, 28),
         ("cw10/l2m-oracle-cw10-s0,cw10-steps/*-s*", "", 2, 14),
         ("quick/*-s*", "", 4, 4),
